@@ -1,0 +1,460 @@
+"""Processes, files, mappings and page faults: the small part of Linux the SGX code lives in.
+
+Real semantics where SGX depends on them: a file's ``release`` runs when its last reference goes
+(descriptors and VMAs both hold one); ``fork`` copies VMAs except ``VM_DONTCOPY`` ones; a fault is
+dispatched to the VMA's ``fault`` handler, ``VM_FAULT_RETRY`` retries (the kernel's kthreads get to run
+first) and ``VM_FAULT_SIGBUS`` delivers SIGBUS, whose default action kills the process.
+
+>>> # see tests/test_kernel_mm.py; processes are made by Kernel.spawn()
+"""
+
+from __future__ import annotations
+
+import bisect
+import errno
+import os
+import signal
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable
+
+from vepc.arch.constants import PAGE_SHIFT, PAGE_SIZE
+from vepc.events import EventKind
+
+if TYPE_CHECKING:
+    from vepc.kernel.kernel import Kernel
+
+__all__ = ["File", "FileOps", "Vma", "Process", "VmFault", "KernelError", "FaultLivelock", "PROT_READ", "PROT_WRITE",
+           "MAP_SHARED", "MAP_PRIVATE", "MAP_FIXED", "MAP_ANONYMOUS", "MAP_POPULATE", "VM_READ", "VM_WRITE",
+           "VM_SHARED", "VM_IO", "VM_PFNMAP", "VM_DONTCOPY", "VM_DONTDUMP", "VM_FAULT_NOPAGE",
+           "VM_FAULT_RETRY", "VM_FAULT_SIGBUS", "VM_FAULT_OOM", "FAULT_FLAG_WRITE", "FAULT_FLAG_ALLOW_RETRY",
+           "FAULT_FLAG_TRIED", "FAULT_FLAG_USER", "os_error"]
+
+PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
+MAP_SHARED, MAP_PRIVATE, MAP_FIXED, MAP_ANONYMOUS, MAP_POPULATE = 0x01, 0x02, 0x10, 0x20, 0x8000
+# include/linux/mm.h vm_flags
+VM_READ, VM_WRITE, VM_EXEC, VM_SHARED = 0x1, 0x2, 0x4, 0x8
+VM_IO, VM_DONTCOPY, VM_DONTEXPAND, VM_PFNMAP, VM_DONTDUMP = 0x4000, 0x20000, 0x40000, 0x400, 0x4000000
+# include/linux/mm_types.h vm_fault_t
+VM_FAULT_OOM, VM_FAULT_SIGBUS, VM_FAULT_NOPAGE, VM_FAULT_RETRY = 0x1, 0x2, 0x100, 0x400
+FAULT_FLAG_WRITE, FAULT_FLAG_ALLOW_RETRY, FAULT_FLAG_TRIED, FAULT_FLAG_USER = 0x1, 0x4, 0x20, 0x40
+
+#: A fault that keeps answering VM_FAULT_RETRY this often while nothing changes is a model livelock.
+MAX_FAULT_RETRIES = 10000
+USER_MMAP_BASE = 0x7F0000000000
+
+
+def os_error(code: int, what: str = "") -> OSError:
+    """``OSError`` with the errno Linux gives (``code`` positive)."""
+    return OSError(code, os.strerror(code) + (f": {what}" if what else ""))
+
+
+class KernelError(RuntimeError):
+    """A condition the real kernel would BUG() on or loop forever in: a model or usage defect."""
+
+
+class FaultLivelock(KernelError):
+    """A fault handler answered VM_FAULT_NOPAGE without mapping the page: the access re-executes and
+    faults again forever (the task spins until killed). Upstream virt.c does this for a second mapping
+    of a page-array index that is already populated (``__sgx_vepc_fault`` returns 0 without
+    ``vmf_insert_pfn``)."""
+
+
+class FileOps:
+    """``struct file_operations``: override what the device implements."""
+
+    name = "file"
+
+    def open(self, kernel: "Kernel", file: "File") -> int:
+        return 0
+
+    def release(self, file: "File") -> int:
+        return 0
+
+    def mmap(self, file: "File", vma: "Vma") -> int:
+        return -errno.ENODEV
+
+    def ioctl(self, file: "File", cmd: int, arg: int, proc: "Process") -> int:
+        return -errno.ENOTTY
+
+
+class File:
+    """An open file description; ``refs`` counts descriptors and VMAs."""
+
+    def __init__(self, kernel: "Kernel", path: str, f_op: FileOps) -> None:
+        self.kernel = kernel
+        self.path = path
+        self.f_op = f_op
+        self.private_data: Any = None
+        self.refs = 0
+        self.released = False
+
+    def get(self) -> "File":
+        self.refs += 1
+        return self
+
+    def put(self) -> None:
+        """``fput``: the last reference runs ``release``."""
+        self.refs -= 1
+        if self.refs == 0 and not self.released:
+            self.released = True
+            self.f_op.release(self)
+
+    def __repr__(self) -> str:
+        return f"<File {self.path} refs={self.refs}>"
+
+
+class VmOps:
+    """``struct vm_operations_struct``."""
+
+    def fault(self, vmf: "VmFault") -> int:
+        return VM_FAULT_SIGBUS
+
+
+@dataclass
+class Vma:
+    """``struct vm_area_struct``; ``ptes`` maps a virtual page number to the physical page it maps."""
+
+    start: int
+    end: int
+    flags: int
+    file: File | None = None
+    pgoff: int = 0
+    vm_ops: VmOps | None = None
+    vm_private_data: Any = None
+    ptes: dict[int, int] = field(default_factory=dict)
+    mm: "Process | None" = None
+
+    def __contains__(self, addr: int) -> bool:
+        return self.start <= addr < self.end
+
+    @property
+    def length(self) -> int:
+        return self.end - self.start
+
+
+@dataclass
+class VmFault:
+    """``struct vm_fault``."""
+
+    vma: Vma
+    address: int
+    flags: int
+
+
+class Process:
+    """A user process: descriptors, an address space of VMAs, pending signals."""
+
+    def __init__(self, kernel: "Kernel", pid: int, name: str) -> None:
+        self.kernel = kernel
+        self.pid = pid
+        self.name = name
+        self.fds: dict[int, File] = {}
+        self.vmas: list[Vma] = []
+        self._starts: list[int] = []
+        self.next_mmap = USER_MMAP_BASE
+        self.signals: list[tuple[int, int]] = []       # (signo, address)
+        self.handlers: dict[int, Callable[[int, int], None]] = {}
+        self.alive = True
+        self.exit_signal: int | None = None
+
+    # -- descriptors --------------------------------------------------------------------------
+    def _check_alive(self) -> None:
+        if not self.alive:
+            raise KernelError(f"process {self.pid} ({self.name}) has exited")
+
+    def _file(self, fd: int) -> File:
+        self._check_alive()
+        f = self.fds.get(fd)
+        if f is None:
+            raise os_error(errno.EBADF, f"fd {fd}")
+        return f
+
+    def install_fd(self, file: File) -> int:
+        fd = 0
+        while fd in self.fds:
+            fd += 1
+        self.fds[fd] = file.get()
+        return fd
+
+    def open(self, path: str) -> int:
+        """open(2) on a device node of this process's kernel."""
+        self._check_alive()
+        return self.install_fd(self.kernel.open_file(path))
+
+    def close(self, fd: int) -> None:
+        f = self._file(fd)
+        del self.fds[fd]
+        f.put()
+
+    def dup(self, fd: int) -> int:
+        return self.install_fd(self._file(fd))
+
+    def file(self, fd: int) -> File:
+        return self._file(fd)
+
+    def ioctl(self, fd: int, cmd: int, arg: int = 0) -> int:
+        """ioctl(2): returns the non-negative result or raises ``OSError`` with Linux's errno."""
+        f = self._file(fd)
+        ret = f.f_op.ioctl(f, cmd, arg, self)
+        self.kernel.schedule()
+        if ret < 0:
+            raise os_error(-ret, f"ioctl {cmd:#x} on {f.path}")
+        return ret
+
+    # -- address space -------------------------------------------------------------------------
+    def find_vma(self, addr: int) -> Vma | None:
+        i = bisect.bisect_right(self._starts, addr) - 1
+        if i >= 0 and addr < self.vmas[i].end:
+            return self.vmas[i]
+        return None
+
+    def _insert_vma(self, vma: Vma) -> None:
+        vma.mm = self
+        i = bisect.bisect_left(self._starts, vma.start)
+        self.vmas.insert(i, vma)
+        self._starts.insert(i, vma.start)
+
+    def _remove_vma(self, vma: Vma) -> None:
+        i = self.vmas.index(vma)
+        del self.vmas[i]
+        del self._starts[i]
+
+    def mmap(self, length: int, prot: int = PROT_READ | PROT_WRITE, flags: int = MAP_SHARED, fd: int = -1,
+             offset: int = 0, addr: int | None = None) -> int:
+        """mmap(2). Returns the address; errors raise ``OSError`` (EINVAL, EBADF, ENODEV, ...)."""
+        self._check_alive()
+        if length <= 0 or offset & (PAGE_SIZE - 1):
+            raise os_error(errno.EINVAL, "mmap length/offset")
+        if bool(flags & MAP_SHARED) == bool(flags & MAP_PRIVATE):
+            raise os_error(errno.EINVAL, "mmap needs exactly one of MAP_SHARED/MAP_PRIVATE")
+        length = (length + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
+        file = None if flags & MAP_ANONYMOUS else self._file(fd)
+        if addr is None:
+            addr = self.next_mmap
+            self.next_mmap += length + PAGE_SIZE      # leave a guard gap
+        elif addr & (PAGE_SIZE - 1):
+            raise os_error(errno.EINVAL, "mmap address not page aligned")
+        else:
+            self.munmap(addr, length)
+        vm_flags = (VM_READ if prot & PROT_READ else 0) | (VM_WRITE if prot & PROT_WRITE else 0)
+        vm_flags |= VM_SHARED if flags & MAP_SHARED else 0
+        vma = Vma(addr, addr + length, vm_flags, file, offset >> PAGE_SHIFT)
+        if file is not None:
+            ret = file.f_op.mmap(file, vma)
+            if ret < 0:
+                raise os_error(-ret, f"mmap of {file.path}")
+            file.get()
+        self._insert_vma(vma)
+        if flags & MAP_POPULATE:
+            self.populate(addr, length)
+        return addr
+
+    def munmap(self, addr: int, length: int) -> None:
+        """munmap(2): whole or partial VMAs; a VMA's file reference goes with it."""
+        self._check_alive()
+        end = addr + ((length + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1))
+        for vma in [v for v in self.vmas if v.start < end and addr < v.end]:
+            self._remove_vma(vma)
+            keep = []
+            if vma.start < addr:
+                keep.append(self._split(vma, vma.start, addr))
+            if end < vma.end:
+                keep.append(self._split(vma, end, vma.end))
+            for part in keep:
+                self._insert_vma(part)
+                if part.file is not None:
+                    part.file.get()
+            for vpn in [p for p in vma.ptes if addr >> PAGE_SHIFT <= p < end >> PAGE_SHIFT]:
+                self._unmap_pte(vma, vpn)
+            if vma.file is not None:
+                vma.file.put()
+
+    def _split(self, vma: Vma, start: int, end: int) -> Vma:
+        part = Vma(start, end, vma.flags, vma.file, vma.pgoff + ((start - vma.start) >> PAGE_SHIFT), vma.vm_ops,
+                   vma.vm_private_data)
+        part.ptes = {p: f for p, f in vma.ptes.items() if start >> PAGE_SHIFT <= p < end >> PAGE_SHIFT}
+        return part
+
+    def _unmap_pte(self, vma: Vma, vpn: int) -> None:
+        pfn = vma.ptes.pop(vpn)
+        if vma.file is None and not vma.flags & VM_SHARED:
+            self.kernel.ram.free(pfn)
+
+    def translate(self, addr: int) -> int | None:
+        """The physical address a present PTE maps ``addr`` to, or None."""
+        vma = self.find_vma(addr)
+        if vma is None:
+            return None
+        pfn = vma.ptes.get(addr >> PAGE_SHIFT)
+        return None if pfn is None else (pfn << PAGE_SHIFT) | (addr & (PAGE_SIZE - 1))
+
+    # -- faults --------------------------------------------------------------------------------
+    def fault(self, addr: int, write: bool = True, allow_retry: bool = True) -> int:
+        """Handle a user page fault at ``addr``: VM_FAULT_NOPAGE when mapped, else deliver the signal.
+
+        Returns the final ``vm_fault_t`` (VM_FAULT_NOPAGE or VM_FAULT_SIGBUS); SIGSEGV for no VMA is
+        delivered and reported as VM_FAULT_SIGBUS | 0x8000.
+        """
+        self._check_alive()
+        vma = self.find_vma(addr)
+        if vma is None or (write and not vma.flags & VM_WRITE):
+            self.deliver_signal(signal.SIGSEGV, addr)
+            return VM_FAULT_SIGBUS
+        if (addr >> PAGE_SHIFT) in vma.ptes:
+            return VM_FAULT_NOPAGE
+        if vma.vm_ops is None:
+            pfn = self.kernel.ram.alloc()
+            vma.ptes[addr >> PAGE_SHIFT] = pfn
+            return VM_FAULT_NOPAGE
+        flags = FAULT_FLAG_USER | (FAULT_FLAG_WRITE if write else 0) | (FAULT_FLAG_ALLOW_RETRY if allow_retry else 0)
+        for _ in range(MAX_FAULT_RETRIES):
+            ret = vma.vm_ops.fault(VmFault(vma, addr, flags))
+            if ret & VM_FAULT_RETRY:
+                # mm/memory.c: the fault is retried with FAULT_FLAG_TRIED; meanwhile kthreads run.
+                flags |= FAULT_FLAG_TRIED
+                self.kernel.schedule()
+                if self.pending_fatal():
+                    return VM_FAULT_SIGBUS
+                continue
+            if ret & (VM_FAULT_SIGBUS | VM_FAULT_OOM):
+                self.deliver_signal(signal.SIGBUS, addr)
+            elif ret & VM_FAULT_NOPAGE and (addr >> PAGE_SHIFT) not in vma.ptes:
+                raise FaultLivelock(f"{self.name}[{self.pid}]: fault at {addr:#x} in {vma.file.path if vma.file else 'anon'} "
+                                    "returned VM_FAULT_NOPAGE without a PTE; the access would re-fault forever")
+            return ret
+        raise KernelError(f"fault at {addr:#x} retried {MAX_FAULT_RETRIES} times without progress")
+
+    def touch(self, addr: int, length: int = 1, write: bool = True) -> bool:
+        """Touch one byte per page over ``[addr, addr+length)``; False at the first page that faulted fatally."""
+        page = addr & ~(PAGE_SIZE - 1)
+        while page < addr + length:
+            vma = self.find_vma(page)
+            if vma is None or (page >> PAGE_SHIFT) not in vma.ptes:
+                if self.fault(page, write) & VM_FAULT_SIGBUS or not self.alive:
+                    return False
+            page += PAGE_SIZE
+        return True
+
+    def populate(self, addr: int, length: int) -> None:
+        """MAP_POPULATE/mm_populate: GUP refuses VM_IO|VM_PFNMAP VMAs, errors are ignored (vmm-anchors §3)."""
+        vma = self.find_vma(addr)
+        if vma is None or vma.flags & (VM_IO | VM_PFNMAP):
+            return
+        for page in range(addr, addr + length, PAGE_SIZE):
+            if page in vma and (page >> PAGE_SHIFT) not in vma.ptes and vma.vm_ops is None:
+                vma.ptes[page >> PAGE_SHIFT] = self.kernel.ram.alloc()
+
+    # -- user memory ---------------------------------------------------------------------------
+    def write_mem(self, addr: int, data: bytes) -> None:
+        """Store into this process's memory (faulting pages in), like a user-space write."""
+        view = memoryview(data)
+        while view:
+            n = min(len(view), PAGE_SIZE - (addr & (PAGE_SIZE - 1)))
+            phys = self.translate(addr)
+            if phys is None:
+                if self.fault(addr, True) & VM_FAULT_SIGBUS:
+                    raise os_error(errno.EFAULT, f"write to {addr:#x}")
+                phys = self.translate(addr)
+            self.kernel.write_phys(phys, bytes(view[:n]))
+            addr += n
+            view = view[n:]
+
+    def read_mem(self, addr: int, size: int) -> bytes:
+        out = bytearray()
+        while size:
+            n = min(size, PAGE_SIZE - (addr & (PAGE_SIZE - 1)))
+            phys = self.translate(addr)
+            if phys is None:
+                if self.fault(addr, False) & VM_FAULT_SIGBUS:
+                    raise os_error(errno.EFAULT, f"read from {addr:#x}")
+                phys = self.translate(addr)
+            out += self.kernel.read_phys(phys, n)
+            addr += n
+            size -= n
+        return bytes(out)
+
+    def copy_from_user(self, addr: int, size: int) -> bytes | None:
+        """Kernel-side read of user memory: None (→ -EFAULT) where nothing is mapped."""
+        try:
+            return self.read_mem(addr, size)
+        except OSError:
+            return None
+
+    def copy_to_user(self, addr: int, data: bytes) -> bool:
+        try:
+            self.write_mem(addr, data)
+            return True
+        except OSError:
+            return False
+
+    def alloc_user(self, data: bytes) -> int:
+        """Convenience: map anonymous memory holding ``data`` (what a program's buffer would be)."""
+        addr = self.mmap(max(len(data), 1), flags=MAP_PRIVATE | MAP_ANONYMOUS)
+        if data:
+            self.write_mem(addr, data)
+        return addr
+
+    # -- signals and life cycle --------------------------------------------------------------------
+    def sigaction(self, signo: int, handler: Callable[[int, int], None] | None) -> None:
+        if handler is None:
+            self.handlers.pop(signo, None)
+        else:
+            self.handlers[signo] = handler
+
+    def deliver_signal(self, signo: int, addr: int = 0) -> None:
+        """Record the signal; with no handler the default action of SIGBUS/SIGSEGV kills the process."""
+        self.signals.append((signo, addr))
+        if signo == signal.SIGBUS:
+            self.kernel.events.emit(EventKind.SIGBUS, arg=self.pid, arg2=addr)
+        handler = self.handlers.get(signo)
+        if handler is not None:
+            handler(signo, addr)
+        elif signo in (signal.SIGBUS, signal.SIGSEGV, signal.SIGKILL):
+            self.exit(signo)
+
+    def pending_fatal(self) -> bool:
+        return not self.alive
+
+    def fork(self, name: str | None = None) -> "Process":
+        """fork(2): descriptors are shared, VMAs copied except VM_DONTCOPY (kernel/fork.c dup_mmap)."""
+        self._check_alive()
+        child = self.kernel.spawn(name or self.name)
+        for fd, f in self.fds.items():
+            child.fds[fd] = f.get()
+        for vma in self.vmas:
+            if vma.flags & VM_DONTCOPY:
+                continue
+            copy = Vma(vma.start, vma.end, vma.flags, vma.file, vma.pgoff, vma.vm_ops, vma.vm_private_data)
+            if vma.file is not None:
+                vma.file.get()
+            if vma.flags & VM_SHARED or vma.file is not None:
+                copy.ptes = dict(vma.ptes)
+            else:
+                for vpn, pfn in vma.ptes.items():
+                    new = self.kernel.ram.alloc()
+                    self.kernel.write_phys(new << PAGE_SHIFT, self.kernel.read_phys(pfn << PAGE_SHIFT, PAGE_SIZE))
+                    copy.ptes[vpn] = new
+            child._insert_vma(copy)
+        child.next_mmap = self.next_mmap
+        return child
+
+    def exit(self, signo: int | None = None) -> None:
+        """exit(2) or death by signal: unmap everything, close every descriptor."""
+        if not self.alive:
+            return
+        self.exit_signal = signo
+        for vma in list(self.vmas):
+            self.munmap(vma.start, vma.length)
+        for fd in sorted(self.fds):
+            self.close(fd)
+        self.alive = False
+        self.kernel.events.emit(EventKind.PROCESS_EXIT, arg=self.pid, arg2=signo or 0)
+        self.kernel.processes.pop(self.pid, None)
+
+    def kill(self) -> None:
+        """SIGKILL."""
+        self.signals.append((signal.SIGKILL, 0))
+        self.exit(signal.SIGKILL)
+
+    def __repr__(self) -> str:
+        return f"<Process {self.pid} {self.name}{'' if self.alive else ' (dead)'}>"

@@ -1,0 +1,160 @@
+"""The SGX processor package: EPC, EPCM, logical processors, MSRs and CPUID.
+
+>>> from vepc.silicon import Processor, ProcessorConfig, EpcSection
+>>> cpu = Processor(ProcessorConfig(sections=(EpcSection(PhysAddr(0x80000000), 8 << 20, node=0),)))
+>>> hex(cpu.cpuid(0x12, 2)[0]), cpu.epcm.nr_pages
+('0x80000001', 2048)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from dataclasses import dataclass, field
+from typing import Callable
+
+from vepc.arch.constants import (
+    CPUID_1_ECX_VMX, CPUID_7_EBX_SGX, CPUID_7_ECX_SGX_LC, EPC_SECTION_TYPE, INTEL_DEFAULT_LE_HASH,
+    SGX_MISC_EXINFO, Cpuid12Eax, FeatureControl, Msr,
+)
+from vepc.events import EventLog
+from vepc.silicon.enclave_state import SecsState
+from vepc.silicon.epc import EpcLayout, EpcSection
+from vepc.silicon.epcm import Epcm
+from vepc.silicon.faults import GeneralProtection
+from vepc.silicon.memory import HostOperandMemory, PhysicalMemory
+from vepc.types import PhysAddr
+
+__all__ = ["ProcessorConfig", "Processor", "DEFAULT_FEATURE_CONTROL"]
+
+#: What firmware leaves in IA32_FEATURE_CONTROL on an SGX machine with launch control unlocked for the
+#: OS: locked, VMX, SGX enabled, LE hash MSRs writable (reference §1.8 feat_ctl.c, §3.6).
+DEFAULT_FEATURE_CONTROL = int(FeatureControl.LOCKED | FeatureControl.VMX_OUTSIDE_SMX |
+                              FeatureControl.SGX_ENABLED | FeatureControl.SGX_LC_ENABLED)
+
+
+@dataclass(frozen=True)
+class ProcessorConfig:
+    """What the processor supports; CPUID leaves 1, 7, 0xD and 0x12 are generated from it.
+
+    ``attributes`` and ``xfrm`` are the CPUID.0x12.1 masks of what ECREATE accepts; ``xcr0`` is what
+    XCR0 may enable (CPUID.0xD.0). ``max_enclave_log2_64``/``_32`` are CPUID.0x12.0:EDX[15:8]/[7:0].
+    """
+
+    sections: tuple[EpcSection, ...]
+    sgx1: bool = True
+    sgx2: bool = True
+    flc: bool = True
+    vmx: bool = True
+    edeccssa: bool = False
+    miscselect: int = SGX_MISC_EXINFO
+    attributes: int = 0xB6       # DEBUG, MODE64BIT, PROVISIONKEY, EINITTOKENKEY, KSS
+    xfrm: int = 0x7              # x87, SSE, AVX
+    xcr0: int = 0x7
+    max_enclave_log2_64: int = 36
+    max_enclave_log2_32: int = 31
+    feature_control: int = DEFAULT_FEATURE_CONTROL
+    nr_lps: int = 2
+    seed: int = 0
+    nodes: tuple[int, ...] = field(default=())
+
+    def with_sections(self, sections) -> "ProcessorConfig":
+        from dataclasses import replace
+        return replace(self, sections=tuple(sections))
+
+
+LeafFn = Callable[..., int]
+#: ENCLS leaf implementations, filled by the modules in ``vepc.silicon.leaves``.
+LEAVES: dict[int, LeafFn] = {}
+
+
+class Processor:
+    """One SGX-capable machine's processors: shared EPC/EPCM, per-LP registers and MSRs."""
+
+    def __init__(self, config: ProcessorConfig, events: EventLog | None = None) -> None:
+        from vepc.silicon import leaves  # noqa: F401  (registers the leaf implementations)
+        from vepc.silicon.lp import LogicalProcessor
+
+        self.config = config
+        self.events = events if events is not None else EventLog()
+        self.layout = EpcLayout(list(config.sections))
+        self.epcm = Epcm(self.layout.nr_pages)
+        self.memory = PhysicalMemory(self.layout)
+        self.host_memory = HostOperandMemory(self.memory)
+        self.enclaves: dict[int, SecsState] = {}
+        self.feature_control = config.feature_control
+        self.lps = [LogicalProcessor(self, i) for i in range(config.nr_lps)]
+        self.trace_encls = False
+        self.lock = threading.RLock()
+        self._next_eid = 1
+        self._version = 0
+        seed = config.seed.to_bytes(8, "little")
+        #: Per-package paging key (EWB/ELDU sealing); derived from the seed so runs are reproducible.
+        self.paging_key = hashlib.sha256(b"vepc paging key" + seed).digest()[:16]
+        self.leaves = LEAVES
+
+    # -- identifiers -------------------------------------------------------------------------
+    def new_eid(self) -> int:
+        eid = self._next_eid
+        self._next_eid += 1
+        return eid
+
+    def next_version(self) -> int:
+        """A fresh, never reused EWB version (the value stored in a VA slot)."""
+        self._version += 1
+        return self._version
+
+    # -- CPUID -------------------------------------------------------------------------------
+    def cpuid(self, leaf: int, subleaf: int = 0) -> tuple[int, int, int, int]:
+        c = self.config
+        if leaf == 0x1:
+            return (0, 0, CPUID_1_ECX_VMX if c.vmx else 0, 0)
+        if leaf == 0x7 and subleaf == 0:
+            return (0, CPUID_7_EBX_SGX if c.sgx1 else 0, CPUID_7_ECX_SGX_LC if (c.flc and c.sgx1) else 0, 0)
+        if leaf == 0xD and subleaf == 0:
+            return (c.xcr0 & 0xFFFFFFFF, 0, 0, c.xcr0 >> 32)
+        if leaf != 0x12 or not c.sgx1:
+            return (0, 0, 0, 0)
+        if subleaf == 0:
+            eax = int(Cpuid12Eax.SGX1) | (Cpuid12Eax.SGX2 if c.sgx2 else 0) | (Cpuid12Eax.EDECCSSA if c.edeccssa else 0)
+            return (eax, c.miscselect, 0, (c.max_enclave_log2_64 << 8) | c.max_enclave_log2_32)
+        if subleaf == 1:
+            return (c.attributes & 0xFFFFFFFF, c.attributes >> 32, c.xfrm & 0xFFFFFFFF, c.xfrm >> 32)
+        n = subleaf - 2
+        if n >= len(c.sections):
+            return (0, 0, 0, 0)
+        s = c.sections[n]
+        # Sub-leaf 2+n (SDM; reference §2.5): EAX[3:0] type 1, ECX[3:0] properties (1: confidentiality,
+        # integrity and replay protection).
+        return ((s.base & 0xFFFFF000) | EPC_SECTION_TYPE, s.base >> 32, (s.size & 0xFFFFF000) | 0x1, s.size >> 32)
+
+    # -- MSRs --------------------------------------------------------------------------------
+    def le_hash_writable(self) -> bool:
+        """LE hash MSRs take writes with launch control and FEAT_CTL unlocked or LC-enabled (§4.6)."""
+        fc = self.feature_control
+        return self.config.flc and (not fc & FeatureControl.LOCKED or bool(fc & FeatureControl.SGX_LC_ENABLED))
+
+    def sgx_enabled(self) -> bool:
+        """ENCLS works only once firmware enabled SGX and locked FEATURE_CONTROL (SDM ENCLS #UD)."""
+        fc = self.feature_control
+        return self.config.sgx1 and bool(fc & FeatureControl.SGX_ENABLED) and bool(fc & FeatureControl.LOCKED)
+
+    def write_feature_control(self, value: int) -> None:
+        if self.feature_control & FeatureControl.LOCKED:
+            raise GeneralProtection(reason="IA32_FEATURE_CONTROL is locked")
+        self.feature_control = value
+
+    # -- convenience -------------------------------------------------------------------------
+    def lp(self, i: int = 0):
+        return self.lps[i]
+
+    def phys_of(self, index: int) -> PhysAddr:
+        return self.layout.phys_of(index)
+
+    def reset_le_hash(self) -> None:
+        for lp in self.lps:
+            lp.le_hash = list(INTEL_DEFAULT_LE_HASH)
+
+    @property
+    def msr_numbers(self) -> tuple[int, ...]:
+        return tuple(int(m) for m in Msr)
