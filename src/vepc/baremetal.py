@@ -35,14 +35,29 @@ class ImagePage:
     secinfo_flags: int
     data: bytes
     measured_chunks: int = 0xFFFF
+    #: EEXTEND order of the chunks (MRENCLAVE depends on it); empty = ascending.
+    order: tuple[int, ...] = ()
+
+    @classmethod
+    def from_sgxs(cls, image) -> list["ImagePage"]:
+        """The pages of a :class:`vepc.formats.SgxsImage` (unmeasured chunks are loaded, not EEXTENDed)."""
+        return [cls(p.offset, p.flags, bytes(p.data), p.measured, tuple(p.chunk_order())) for p in image.pages]
 
 
 class BareMetal:
     """ENCLS through scratch RAM on logical processor ``lp``; returns RAX, raises ``ArchFault``."""
 
-    def __init__(self, processor: Processor, lp: int = 0, scratch: PhysAddr = SCRATCH) -> None:
-        self.cpu = processor
-        self.lp = processor.lp(lp)
+    def __init__(self, target, lp: int = 0, scratch: PhysAddr = SCRATCH) -> None:
+        """``target``: a :class:`Processor` (ring 0 on logical processor ``lp``) or any kernel CPU with
+        ``encls`` and ``write_phys`` (e.g. a KVM vCPU, where addresses are guest-physical)."""
+        if isinstance(target, Processor):
+            from vepc.kernel.cpu import HostCpu
+            self.cpu = target
+            self.target = HostCpu(target, lp)
+        else:
+            self.cpu = getattr(target, "processor", None)
+            self.target = target
+        self.lp = getattr(self.target, "lp", None)
         self.pageinfo = scratch
         self.secinfo = PhysAddr(scratch + 0x100)
         self.pcmd = PhysAddr(scratch + 0x200)
@@ -56,10 +71,10 @@ class BareMetal:
         return self.cpu.layout.phys_of(index)
 
     def encls(self, leaf: int, rbx: int = 0, rcx: int = 0, rdx: int = 0) -> int:
-        return self.lp.encls(leaf, rbx, rcx, rdx)
+        return self.target.encls(leaf, rbx, rcx, rdx)
 
     def _put(self, addr: PhysAddr, data: bytes) -> None:
-        self.cpu.memory.write(addr, data)
+        self.target.write_phys(addr, data)
 
     def ecreate(self, secs: Secs | bytes, epc: PhysAddr) -> int:
         self._put(self.src, secs.pack() if isinstance(secs, Secs) else secs)
@@ -95,7 +110,7 @@ class BareMetal:
         for n, page in enumerate(pages, start=1):
             epc = self.epc(first_index + n)
             self._check(self.eadd(epc, secs_epc, secs.base + page.offset, page.data, page.secinfo_flags), "EADD")
-            for chunk in range(16):
+            for chunk in page.order or range(16):
                 if page.measured_chunks >> chunk & 1:
                     self._check(self.eextend(epc + chunk * 256), "EEXTEND")
             used.append(epc)

@@ -45,6 +45,12 @@ class KernelCpu(Protocol):
 
     def write_phys(self, addr: int, data: bytes) -> None: ...
 
+    def kick_enclave_threads(self, secs_phys: int) -> int:
+        """The IPI of ``on_each_cpu_mask(sgx_encl_cpumask(encl), sgx_ipi_cb, ...)``: every logical
+        processor executing inside the enclave whose SECS is at ``secs_phys`` takes an AEX. Returns how
+        many left the enclave."""
+        ...
+
 
 class HostCpu:
     """A host logical processor as the kernel's CPU (linear == physical in the model's kernel)."""
@@ -75,3 +81,14 @@ class HostCpu:
 
     def write_phys(self, addr: int, data: bytes) -> None:
         self._mem.write(addr, data)  # type: ignore[arg-type]
+
+    def kick_enclave_threads(self, secs_phys: int) -> int:
+        index = self.processor.layout.index_of(secs_phys)
+        if index < 0:
+            return 0
+        kicked = 0
+        for lp in self.processor.lps:
+            if lp.inside == index:
+                lp.aex()
+                kicked += 1
+        return kicked

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from vepc.arch.constants import PAGE_SHIFT, PAGE_SIZE
 from vepc.events import EventKind
+from vepc.kernel.pte import PteTable
 
 if TYPE_CHECKING:
     from vepc.kernel.kernel import Kernel
@@ -121,8 +122,12 @@ class Vma:
     pgoff: int = 0
     vm_ops: VmOps | None = None
     vm_private_data: Any = None
-    ptes: dict[int, int] = field(default_factory=dict)
+    ptes: PteTable = None  # type: ignore[assignment]
     mm: "Process | None" = None
+
+    def __post_init__(self) -> None:
+        if self.ptes is None:
+            self.ptes = PteTable(self.start >> PAGE_SHIFT, (self.end - self.start) >> PAGE_SHIFT)
 
     def __contains__(self, addr: int) -> bool:
         return self.start <= addr < self.end
@@ -156,6 +161,9 @@ class Process:
         self.handlers: dict[int, Callable[[int, int], None]] = {}
         self.alive = True
         self.exit_signal: int | None = None
+        #: mmu_notifier ``invalidate_range`` callbacks (KVM registers one per VM): fn(start, end).
+        self.mmu_notifiers: list[Callable[[int, int], None]] = []
+        self.node = 0
 
     # -- descriptors --------------------------------------------------------------------------
     def _check_alive(self) -> None:
@@ -264,21 +272,20 @@ class Process:
                 self._insert_vma(part)
                 if part.file is not None:
                     part.file.get()
-            for vpn in [p for p in vma.ptes if addr >> PAGE_SHIFT <= p < end >> PAGE_SHIFT]:
-                self._unmap_pte(vma, vpn)
+            pfns = vma.ptes.clear_range(addr >> PAGE_SHIFT, end >> PAGE_SHIFT)
+            if vma.file is None and not vma.flags & VM_SHARED:
+                for pfn in pfns.tolist():
+                    self.kernel.ram.free(pfn)
+            for notify in list(self.mmu_notifiers):
+                notify(max(addr, vma.start), min(end, vma.end))
             if vma.file is not None:
                 vma.file.put()
 
     def _split(self, vma: Vma, start: int, end: int) -> Vma:
         part = Vma(start, end, vma.flags, vma.file, vma.pgoff + ((start - vma.start) >> PAGE_SHIFT), vma.vm_ops,
                    vma.vm_private_data)
-        part.ptes = {p: f for p, f in vma.ptes.items() if start >> PAGE_SHIFT <= p < end >> PAGE_SHIFT}
+        part.ptes = vma.ptes.sub(start >> PAGE_SHIFT, end >> PAGE_SHIFT)
         return part
-
-    def _unmap_pte(self, vma: Vma, vpn: int) -> None:
-        pfn = vma.ptes.pop(vpn)
-        if vma.file is None and not vma.flags & VM_SHARED:
-            self.kernel.ram.free(pfn)
 
     def translate(self, addr: int) -> int | None:
         """The physical address a present PTE maps ``addr`` to, or None."""
@@ -324,6 +331,32 @@ class Process:
             return ret
         raise KernelError(f"fault at {addr:#x} retried {MAX_FAULT_RETRIES} times without progress")
 
+    def fixup_user_fault(self, addr: int, write: bool = True) -> int:
+        """mm/gup.c ``fixup_user_fault`` as KVM's ``hva_to_pfn_remapped`` uses it: resolve a fault in this
+        mm on behalf of the kernel; VM_FAULT_RETRY retries, an error is -EFAULT and no signal is sent.
+        Then ``follow_pte`` must find the PTE, else -EFAULT too. Returns the pfn or -EFAULT."""
+        vma = self.find_vma(addr)
+        if vma is None or (write and not vma.flags & VM_WRITE):
+            return -errno.EFAULT
+        vpn = addr >> PAGE_SHIFT
+        if vpn in vma.ptes:
+            return vma.ptes[vpn]
+        if vma.vm_ops is None:
+            vma.ptes[vpn] = self.kernel.ram.alloc()
+            return vma.ptes[vpn]
+        flags = (FAULT_FLAG_WRITE if write else 0) | FAULT_FLAG_ALLOW_RETRY
+        for _ in range(MAX_FAULT_RETRIES):
+            ret = vma.vm_ops.fault(VmFault(vma, addr, flags))
+            if ret & VM_FAULT_RETRY:
+                flags |= FAULT_FLAG_TRIED
+                self.kernel.schedule()
+                continue
+            if ret & (VM_FAULT_SIGBUS | VM_FAULT_OOM):
+                return -errno.EFAULT
+            pfn = vma.ptes.get(vpn)
+            return pfn if pfn is not None else -errno.EFAULT
+        raise KernelError(f"fixup_user_fault at {addr:#x} retried {MAX_FAULT_RETRIES} times without progress")
+
     def touch(self, addr: int, length: int = 1, write: bool = True) -> bool:
         """Touch one byte per page over ``[addr, addr+length)``; False at the first page that faulted fatally."""
         page = addr & ~(PAGE_SIZE - 1)
@@ -345,44 +378,46 @@ class Process:
                 vma.ptes[page >> PAGE_SHIFT] = self.kernel.ram.alloc()
 
     # -- user memory ---------------------------------------------------------------------------
-    def write_mem(self, addr: int, data: bytes) -> None:
+    def _phys_for(self, addr: int, write: bool, kernel: bool) -> int:
+        phys = self.translate(addr)
+        if phys is not None:
+            return phys
+        if kernel:
+            # A kernel access (copy_{from,to}_user) resolves the fault without signalling: -EFAULT instead.
+            if self.fixup_user_fault(addr & ~(PAGE_SIZE - 1), write) < 0:
+                raise os_error(errno.EFAULT, f"{'write to' if write else 'read from'} {addr:#x}")
+        elif self.fault(addr, write) & VM_FAULT_SIGBUS:
+            raise os_error(errno.EFAULT, f"{'write to' if write else 'read from'} {addr:#x}")
+        return self.translate(addr)
+
+    def write_mem(self, addr: int, data: bytes, kernel: bool = False) -> None:
         """Store into this process's memory (faulting pages in), like a user-space write."""
         view = memoryview(data)
         while view:
             n = min(len(view), PAGE_SIZE - (addr & (PAGE_SIZE - 1)))
-            phys = self.translate(addr)
-            if phys is None:
-                if self.fault(addr, True) & VM_FAULT_SIGBUS:
-                    raise os_error(errno.EFAULT, f"write to {addr:#x}")
-                phys = self.translate(addr)
-            self.kernel.write_phys(phys, bytes(view[:n]))
+            self.kernel.write_phys(self._phys_for(addr, True, kernel), bytes(view[:n]))
             addr += n
             view = view[n:]
 
-    def read_mem(self, addr: int, size: int) -> bytes:
+    def read_mem(self, addr: int, size: int, kernel: bool = False) -> bytes:
         out = bytearray()
         while size:
             n = min(size, PAGE_SIZE - (addr & (PAGE_SIZE - 1)))
-            phys = self.translate(addr)
-            if phys is None:
-                if self.fault(addr, False) & VM_FAULT_SIGBUS:
-                    raise os_error(errno.EFAULT, f"read from {addr:#x}")
-                phys = self.translate(addr)
-            out += self.kernel.read_phys(phys, n)
+            out += self.kernel.read_phys(self._phys_for(addr, False, kernel), n)
             addr += n
             size -= n
         return bytes(out)
 
     def copy_from_user(self, addr: int, size: int) -> bytes | None:
-        """Kernel-side read of user memory: None (→ -EFAULT) where nothing is mapped."""
+        """Kernel-side read of user memory: None (→ -EFAULT) where nothing is mapped; no signal."""
         try:
-            return self.read_mem(addr, size)
+            return self.read_mem(addr, size, kernel=True)
         except OSError:
             return None
 
     def copy_to_user(self, addr: int, data: bytes) -> bool:
         try:
-            self.write_mem(addr, data)
+            self.write_mem(addr, data, kernel=True)
             return True
         except OSError:
             return False
@@ -428,7 +463,7 @@ class Process:
             if vma.file is not None:
                 vma.file.get()
             if vma.flags & VM_SHARED or vma.file is not None:
-                copy.ptes = dict(vma.ptes)
+                copy.ptes = vma.ptes.copy()
             else:
                 for vpn, pfn in vma.ptes.items():
                     new = self.kernel.ram.alloc()

@@ -82,6 +82,10 @@ class Processor:
         self.memory = PhysicalMemory(self.layout)
         self.host_memory = HostOperandMemory(self.memory)
         self.enclaves: dict[int, SecsState] = {}
+        #: Hidden state of SECS pages written out by EWB, by EID, until ELDU reloads them (leaves/paging.py).
+        self.evicted_enclaves: dict[int, SecsState] = {}
+        #: EPC page → enclave epoch of its last EMODPR/EMODT; EACCEPT needs a later ETRACK (leaves/sgx2.py).
+        self.modify_epochs: dict[int, int] = {}
         self.feature_control = config.feature_control
         self.lps = [LogicalProcessor(self, i) for i in range(config.nr_lps)]
         self.trace_encls = False
