@@ -57,10 +57,11 @@ def demo(vectors: str | None) -> None:
 
 
 def _register_extensions() -> None:
-    from vepc import cli_formats, cli_kernel
+    from vepc import cli_formats, cli_kernel, cli_vmm
 
     cli_formats.register(cli)
     cli_kernel.register(cli)
+    cli_vmm.register(cli)
 
 
 def main() -> None:

@@ -11,6 +11,14 @@ walks memslots and EPT and may fault into the host.
 >>> mem = PhysicalMemory(EpcLayout([EpcSection(PhysAddr(0x10000000), 1 << 16)]))
 >>> mem.write(PhysAddr(0x1000), b"hi"); mem.read(PhysAddr(0x1000), 2), mem.read(PhysAddr(0x10000000), 2)
 (b'hi', b'\\xff\\xff')
+
+External RAM: a physical range whose bytes live in a caller's buffer (a real KVM guest's RAM mapping,
+vepc.realkvm), so that the model reads and writes that memory in place:
+
+>>> buf = bytearray(8192); mem.attach_external(PhysAddr(0x40000000), buf)
+>>> mem.write(PhysAddr(0x40000ffe), b"abcd"); bytes(buf[0xffe:0x1002]), mem.read(PhysAddr(0x40001000), 2)
+(b'abcd', b'cd')
+>>> mem.detach_external(PhysAddr(0x40000000))
 """
 
 from __future__ import annotations
@@ -35,6 +43,29 @@ class PhysicalMemory:
         self.layout = layout
         self.ram: dict[int, bytearray] = {}
         self.epc: dict[int, bytearray] = {}
+        #: External RAM ranges: (base, end, buffer), page aligned, outside the EPC and each other.
+        self.external: list[tuple[int, int, memoryview]] = []
+
+    # -- external RAM ------------------------------------------------------------------------------
+    def attach_external(self, base: PhysAddr, buffer) -> None:
+        """Make ``[base, base + len(buffer))`` RAM whose bytes are ``buffer`` (writable, page multiple)."""
+        view = memoryview(buffer).cast("B")
+        end = base + len(view)
+        if base & (PAGE_SIZE - 1) or len(view) % PAGE_SIZE or not len(view) or view.readonly:
+            raise ValueError("external RAM must be a writable, non-empty, page-aligned range")
+        if any(base < e and b < end for b, e, _ in self.external) or any(
+                base < s.end and s.base < end for s in self.layout.sections):
+            raise ValueError(f"external RAM {base:#x}-{end:#x} overlaps EPC or another external range")
+        self.external.append((base, end, view))
+
+    def detach_external(self, base: PhysAddr) -> None:
+        self.external = [x for x in self.external if x[0] != base]
+
+    def _external_at(self, addr: int) -> tuple[memoryview, int] | None:
+        for b, e, view in self.external:
+            if b <= addr < e:
+                return view, addr - b
+        return None
 
     # -- software (non-enclave) view ------------------------------------------------------------
     def read(self, addr: PhysAddr, size: int) -> bytes:
@@ -42,7 +73,10 @@ class PhysicalMemory:
         while size:
             off = addr & (PAGE_SIZE - 1)
             n = min(size, PAGE_SIZE - off)
-            if self.layout.contains(addr):
+            ext = self._external_at(addr) if self.external else None
+            if ext is not None:
+                out += ext[0][ext[1]:ext[1] + n]
+            elif self.layout.contains(addr):
                 out += ABORT_PAGE[:n]
             else:
                 page = self.ram.get(addr >> PAGE_SHIFT)
@@ -56,7 +90,10 @@ class PhysicalMemory:
         while view:
             off = addr & (PAGE_SIZE - 1)
             n = min(len(view), PAGE_SIZE - off)
-            if not self.layout.contains(addr):
+            ext = self._external_at(addr) if self.external else None
+            if ext is not None:
+                ext[0][ext[1]:ext[1] + n] = view[:n]
+            elif not self.layout.contains(addr):
                 pfn = addr >> PAGE_SHIFT
                 page = self.ram.get(pfn)
                 if page is None:

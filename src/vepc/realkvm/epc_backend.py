@@ -1,0 +1,446 @@
+"""The virtual EPC of a real KVM guest, backed by the model's /dev/sgx_vepc.
+
+Two halves:
+
+* :class:`ModelHost` -- the model side: a booted model machine, its KVM, and one model VMM process that
+  opened /dev/sgx_vepc once per EPC section and mmapped it shared, with a model VM whose memslots mirror the
+  real VM's: the EPC memslots are those vepc mappings, the RAM memslot is a mapping of an *external RAM*
+  range of the model's physical memory whose bytes are the real guest's RAM (``PhysicalMemory.
+  attach_external``), inserted by a tiny device (:class:`RamWindow`) the way virt.c inserts EPC pfns. So the
+  model KVM reads PAGEINFO, SECINFO and source pages straight from the real guest's memory.
+
+* :class:`VirtualEpc` -- the real side: each EPC section is a memslot over an anonymous host range
+  registered with userfaultfd (MISSING mode). A handler thread receives the guest's first touch of a page and
+  resolves it through the model: ``model VM.memory.translate(gpa)`` -- the model KVM's EPT-violation path,
+  memslot → the model VMM's vepc VMA → ``fixup_user_fault`` → ``sgx_vepc_fault`` (same index rule, same
+  allocator, same -EBUSY/-ENOMEM outcomes, same events). Then the page is populated with UFFDIO_COPY of a
+  page of 0xFF: EPC read from outside an enclave returns the abort page (vmm-anchors.md §1.2).
+
+When the model refuses (its KVM raises ``KvmRunError(EFAULT)``: ``sgx_vepc_fault`` returned
+VM_FAULT_SIGBUS, ``fixup_user_fault`` -EFAULT, linux-sgx.md §4.10), the page is made PROT_NONE and the
+waiting fault woken: the real KVM's retry of ``hva_to_pfn`` then fails, and KVM_RUN returns EFAULT -- what
+QEMU reports as "kvm run failed Bad address". The handler recorded the faulting thread (UFFD_FEATURE_THREAD_ID)
+and address, so the VMM reports the guest-physical address. Why not UFFD_FEATURE_SIGBUS: it makes KVM_RUN
+fail with EFAULT too, but nothing reports which address faulted (real-kvm.md; on the CI machines
+kvm_run.exit_reason stays 0 and CR2 0), while the handler thread knows it exactly.
+
+Deviation (opt-in, off by default): ``fault_around=K`` allocates and populates the K-aligned block of pages
+around a fault (while the model pool has free pages) -- the kernel's vepc has no fault-around
+(``sgx_vepc_vm_ops`` has only ``.fault``; one page per fault).
+
+>>> # see sgxvm.SgxVm and tests/test_realkvm.py
+"""
+
+from __future__ import annotations
+
+import errno
+import threading
+import time
+from dataclasses import dataclass, field
+
+from vepc.arch.constants import (
+    CPUID_7_EBX_SGX, CPUID_7_ECX_SGX_LC, PAGE_SHIFT, PAGE_SIZE, Attribute, FeatureControl, Msr,
+)
+from vepc.events import EventKind
+from vepc.kernel.ioctl_numbers import SGX_IOC_VEPC_REMOVE_ALL
+from vepc.kernel.mm import (
+    MAP_SHARED, VM_DONTCOPY, VM_DONTDUMP, VM_FAULT_NOPAGE, VM_FAULT_SIGBUS, VM_IO, VM_PFNMAP, VM_SHARED, File,
+    FileOps, Vma, VmFault, VmOps,
+)
+from vepc.kvm import Kvm, KvmExit, KvmRunError, Vcpu
+from vepc.machine import Machine
+from vepc.realkvm.kvm_api import HostMapping
+from vepc.realkvm.uffd import UFFD_FEATURE_THREAD_ID, Userfaultfd
+from vepc.types import PhysAddr
+
+__all__ = ["ModelHost", "RamWindow", "VirtualEpc", "EpcSectionBackend", "Refusal", "EXTERNAL_RAM_BASE",
+           "ResetError"]
+
+#: Where the model's physical address space holds the real guest's RAM: above the model's RAM and EPC.
+EXTERNAL_RAM_BASE = 0x4000000000
+
+
+class ResetError(RuntimeError):
+    """REMOVE_ALL still failed on the second pass (QEMU: "cannot reset vEPC section %d")."""
+
+
+# -- the model side --------------------------------------------------------------------------------------
+class _RamWindowVmOps(VmOps):
+    def __init__(self, window: "RamWindow") -> None:
+        self.window = window
+
+    def fault(self, vmf: VmFault) -> int:
+        """Insert the pfn of the external RAM page behind the faulting address (as ``sgx_vepc_fault`` does
+        with ``vmf_insert_pfn`` for EPC, virt.c)."""
+        vma = vmf.vma
+        index = vma.pgoff + ((vmf.address - vma.start) >> PAGE_SHIFT)
+        if index >= self.window.nr_pages:
+            return VM_FAULT_SIGBUS
+        vma.ptes[vmf.address >> PAGE_SHIFT] = (self.window.base >> PAGE_SHIFT) + index
+        return VM_FAULT_NOPAGE
+
+
+class RamWindow(FileOps):
+    """A device whose shared mapping is the model-physical range ``[base, base + size)`` (the real guest's
+    RAM, attached as external RAM): a VM_PFNMAP mapping like /dev/sgx_vepc's."""
+
+    name = "realkvm_ram"
+
+    def __init__(self, base: int, size: int) -> None:
+        self.base = base
+        self.size = size
+        self.nr_pages = size >> PAGE_SHIFT
+        self.vm_ops = _RamWindowVmOps(self)
+
+    def mmap(self, file: File, vma: Vma) -> int:
+        if not vma.flags & VM_SHARED:
+            return -errno.EINVAL
+        vma.vm_ops = self.vm_ops
+        vma.flags |= VM_PFNMAP | VM_IO | VM_DONTDUMP | VM_DONTCOPY
+        return 0
+
+
+def model_guest_cpuid(kvm: Kvm, sections: list[tuple[int, int]]) -> dict:
+    """CPUID for the model vCPU as a VMM builds it from KVM_GET_SUPPORTED_CPUID (QEMU target/i386/cpu.c,
+    vmm-anchors.md §1.6): SGX, SGX_LC, leaf 0x12.0/1 masked (no PROVISIONKEY, XFRM within XCR0 | FP/SSE), and
+    one sub-leaf per EPC section (type 1, properties 1)."""
+    e = {(0x1, 0): (0, 0, 0, 0)}
+    _, ebx7, ecx7, _ = kvm.supported_cpuid(0x7, 0)
+    e[(0x7, 0)] = (0, ebx7 & CPUID_7_EBX_SGX, ecx7 & CPUID_7_ECX_SGX_LC, 0)
+    e[(0xD, 0)] = (0x7, 0, 0, 0)
+    e[(0x12, 0)] = kvm.supported_cpuid(0x12, 0)
+    a, _, c, d = kvm.supported_cpuid(0x12, 1)
+    e[(0x12, 1)] = (a & ~int(Attribute.PROVISIONKEY), 0, (c & 0x7) | 0x3, d)
+    for i, (gpa, size) in enumerate(sections):
+        e[(0x12, 2 + i)] = ((gpa & 0xFFFFF000) | 1, gpa >> 32, (size & 0xFFFFF000) | 1, size >> 32)
+    e[(0x12, 2 + len(sections))] = (0, 0, 0, 0)
+    return e
+
+
+class ModelHost:
+    """The model machine and the model VMM process behind a real VM.
+
+    >>> m = ModelHost(host_epc="8M")
+    >>> fd, hva = m.open_vepc(4 << 20); m.kernel.pool.counts()["vepc"]
+    0
+    >>> m.exit(); m.kernel.pool.nr_free
+    2048
+    """
+
+    def __init__(self, host_epc: str | list[str] = "64M", machine: Machine | None = None,
+                 kernel_version: str = "6.8", name: str = "realkvm-vmm") -> None:
+        if machine is None:
+            specs = [host_epc] if isinstance(host_epc, str) else list(host_epc)
+            specs = [s if "@" in s else f"{s}@0" for s in specs]
+            machine = Machine.build(epc=specs, kernel_version=kernel_version)
+        self.machine = machine
+        self.kernel = machine.kernel
+        self.processor = machine.processor
+        self.events = machine.events
+        if self.kernel.vepc is None:
+            raise RuntimeError("the model host kernel has no /dev/sgx_vepc")
+        self.kvm = Kvm(self.kernel)
+        self.vmm = self.kernel.spawn(name)
+        self.vm = self.kvm.create_vm(self.vmm, name)
+        #: Serialises every use of the model (handler thread, vCPU threads, reset, exit).
+        self.lock = threading.RLock()
+        self.vcpus: list[Vcpu] = []
+        self.ram_base: int | None = None
+        self.sections: list[tuple[int, int]] = []
+        self.exited = False
+
+    def attach_ram(self, ram: HostMapping, gpa: int = 0, slot: int = 0) -> int:
+        """Make the real guest RAM the model VM's RAM memslot; returns the model VMM address of it."""
+        base = EXTERNAL_RAM_BASE
+        self.processor.memory.attach_external(PhysAddr(base), ram.view)
+        self.ram_base = base
+        file = File(self.kernel, "/dev/realkvm_ram", RamWindow(base, ram.size))
+        fd = self.vmm.install_fd(file)
+        hva = self.vmm.mmap(ram.size, flags=MAP_SHARED, fd=fd)
+        self.vmm.close(fd)                               # the mapping keeps the file
+        self.vm.set_user_memory_region(slot, gpa, ram.size, hva)
+        return hva
+
+    def open_vepc(self, size: int) -> tuple[int, int]:
+        """open("/dev/sgx_vepc") and mmap it shared in the model VMM: ``(fd, address)``."""
+        fd = self.vmm.open("/dev/sgx_vepc")
+        return fd, self.vmm.mmap(size, flags=MAP_SHARED, fd=fd)
+
+    def add_epc_memslot(self, slot: int, gpa: int, size: int, hva: int) -> None:
+        self.vm.set_user_memory_region(slot, gpa, size, hva)
+        self.sections.append((gpa, size))
+
+    def create_vcpu(self, index: int) -> Vcpu:
+        """A model vCPU with the CPUID a VMM sets and IA32_FEATURE_CONTROL as guest firmware leaves it
+        (locked, SGX and LC enabled; host-initiated writes, vmx.c vmx_set_msr)."""
+        vcpu = Vcpu(self.vm, index)
+        vcpu.set_cpuid(model_guest_cpuid(self.kvm, self.sections))
+        lc = FeatureControl.SGX_LC_ENABLED if vcpu.guest_has("sgx_lc") else 0
+        vcpu.wrmsr(Msr.IA32_FEAT_CTL, int(FeatureControl.LOCKED | FeatureControl.SGX_ENABLED | lc),
+                   host_initiated=True)
+        self.vcpus.append(vcpu)
+        return vcpu
+
+    def set_le_hash(self, digest: bytes) -> None:
+        """IA32_SGXLEPUBKEYHASH0-3 of every model vCPU = ``digest`` (host-initiated, as a VMM restores them)."""
+        for vcpu in self.vcpus:
+            for i in range(4):
+                vcpu.wrmsr(Msr.IA32_SGXLEPUBKEYHASH0 + i, int.from_bytes(digest[8 * i:8 * i + 8], "little"),
+                           host_initiated=True)
+
+    def exit(self) -> None:
+        """The model VMM process exits: its vepc files are released (EREMOVE, free, zombies; virt.c
+        ``sgx_vepc_release``), the model VM goes, the external RAM is detached."""
+        if self.exited:
+            return
+        self.exited = True
+        with self.lock:
+            self.vm.destroy()
+            self.vmm.exit()
+            if self.ram_base is not None:
+                self.processor.memory.detach_external(PhysAddr(self.ram_base))
+            self.kernel.schedule()
+
+
+# -- the real side ---------------------------------------------------------------------------------------
+@dataclass
+class Refusal:
+    """A first touch the model refused: where, which thread, and the model's reason."""
+
+    gpa: int
+    tid: int
+    reason: str
+
+
+@dataclass
+class EpcSectionBackend:
+    """One EPC section: the real host range (a memslot) and the model vepc file behind it."""
+
+    index: int
+    gpa: int
+    size: int
+    mapping: HostMapping
+    model_fd: int
+    model_hva: int
+    populated: bytearray = field(default_factory=bytearray)
+    protected: bool = False
+
+    @property
+    def nr_pages(self) -> int:
+        return self.size >> PAGE_SHIFT
+
+    def contains_hva(self, addr: int) -> bool:
+        return self.mapping.addr <= addr < self.mapping.addr + self.size
+
+
+class VirtualEpc:
+    """Userfaultfd-backed EPC sections whose first touches go through the model's vepc fault path.
+
+    ``fault_around`` (default 1 = the kernel's one page per fault) is the opt-in deviation described in the
+    module docstring. ``spin`` is how long (seconds) the handler polls for the next fault before sleeping.
+    """
+
+    def __init__(self, model: ModelHost, fault_around: int = 1, spin: float = 200e-6) -> None:
+        if fault_around < 1 or fault_around & (fault_around - 1) or fault_around > 512:
+            raise ValueError("fault_around must be a power of two between 1 and 512 pages")
+        self.model = model
+        self.fault_around = fault_around
+        self.spin = spin
+        self.uffd = Userfaultfd(features=UFFD_FEATURE_THREAD_ID)
+        self.abort_page = HostMapping(fault_around * PAGE_SIZE)
+        self.abort_page.view[:] = b"\xff" * (fault_around * PAGE_SIZE)
+        self.sections: list[EpcSectionBackend] = []
+        self.refusals: list[Refusal] = []
+        self.faults = 0                 # fault messages handled
+        self.pages_populated = 0        # pages UFFDIO_COPYed
+        self.handler_error: BaseException | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- sections ---------------------------------------------------------------------------------
+    def add_section(self, gpa: int, size: int) -> EpcSectionBackend:
+        """Open a model vepc for the section, make the real range and register it with userfaultfd."""
+        if size <= 0 or size % PAGE_SIZE or gpa % PAGE_SIZE:
+            raise ValueError("an EPC section is a positive multiple of 4 KiB at a 4 KiB-aligned address")
+        with self.model.lock:
+            fd, hva = self.model.open_vepc(size)
+        mapping = HostMapping(size)
+        try:
+            self.uffd.register(mapping.addr, size)
+        except OSError:
+            mapping.close()
+            raise
+        sec = EpcSectionBackend(len(self.sections), gpa, size, mapping, fd, hva, bytearray(size >> PAGE_SHIFT))
+        self.sections.append(sec)
+        return sec
+
+    def section_of_hva(self, addr: int) -> EpcSectionBackend | None:
+        for s in self.sections:
+            if s.contains_hva(addr):
+                return s
+        return None
+
+    # -- the handler thread ---------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is None:
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._handler, name="vepc-uffd", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        th = self._thread
+        if th is not None:
+            self._stop.set()
+            th.join(timeout)
+            self._thread = None
+
+    def _handler(self) -> None:
+        uffd, stop, spin = self.uffd, self._stop, self.spin
+        try:
+            while not stop.is_set():
+                faults = uffd.read()
+                if not faults and spin:
+                    t_end = time.perf_counter() + spin
+                    while not faults and time.perf_counter() < t_end:
+                        faults = uffd.read()
+                if not faults:
+                    uffd.wait(0.05)                 # bounded: the stop flag is checked every 50 ms
+                    continue
+                for f in faults:
+                    self.serve(f.address, f.write, f.tid)
+        except BaseException as e:                  # recorded; vCPUs waiting then time out, never hang
+            self.handler_error = e
+
+    def serve(self, addr: int, write: bool = True, tid: int = 0) -> bool:
+        """Resolve one first touch at host address ``addr``: through the model, then UFFDIO_COPY of the abort
+        page; or refuse it. Returns True when the page was populated."""
+        self.faults += 1
+        sec = self.section_of_hva(addr)
+        if sec is None:
+            raise RuntimeError(f"userfault at {addr:#x} outside every EPC section")
+        page = (addr - sec.mapping.addr) >> PAGE_SHIFT
+        host = sec.mapping.addr + (page << PAGE_SHIFT)
+        if sec.populated[page]:
+            self.uffd.wake(host)                    # raced with fault-around or another vCPU
+            return True
+        model = self.model
+        gpa = sec.gpa + (page << PAGE_SHIFT)
+        with model.lock:
+            mark = len(model.events)
+            try:
+                # The model KVM's EPT violation: memslot -> vepc VMA -> fixup_user_fault -> sgx_vepc_fault.
+                model.vm.memory.translate(gpa, True)
+            except (KvmRunError, KvmExit):
+                reason = self._refusal_reason(mark)
+                self._refuse(sec, page, gpa, tid, reason)
+                return False
+            run = [page]
+            if self.fault_around > 1:
+                run = self._fault_around(sec, page)
+        self._populate(sec, run)
+        return True
+
+    def _fault_around(self, sec: EpcSectionBackend, page: int) -> list[int]:
+        """Deviation (opt-in): allocate the K-aligned block around ``page`` while the pool has free pages, so
+        that fault-around never causes a refusal of its own. Called with the model lock held."""
+        k = self.fault_around
+        first = page & ~(k - 1)
+        pool = self.model.kernel.pool
+        out = [page]
+        for p in range(first, min(first + k, sec.nr_pages)):
+            if p == page or sec.populated[p]:
+                continue
+            if pool.nr_free <= 0:
+                break
+            try:
+                self.model.vm.memory.translate(sec.gpa + (p << PAGE_SHIFT), True)
+            except (KvmRunError, KvmExit):
+                break
+            out.append(p)
+        return sorted(out)
+
+    def _populate(self, sec: EpcSectionBackend, pages: list[int]) -> None:
+        """UFFDIO_COPY the abort page over each run of consecutive pages (staying inside the registered
+        range: real-kvm.md, ENOENT past its end)."""
+        i = 0
+        while i < len(pages):
+            j = i
+            while j + 1 < len(pages) and pages[j + 1] == pages[j] + 1:
+                j += 1
+            start, n = pages[i], j - i + 1
+            self.uffd.copy(sec.mapping.addr + (start << PAGE_SHIFT), self.abort_page.addr, n << PAGE_SHIFT)
+            sec.populated[start:start + n] = b"\x01" * n
+            self.pages_populated += n
+            i = j + 1
+
+    def _refusal_reason(self, mark: int) -> str:
+        ev = self.model.events
+        for e in reversed(list(ev.since(mark))):
+            if e.kind == EventKind.EPC_ALLOC_FAIL:
+                code = -e.arg
+                name = errno.errorcode.get(code, str(code))
+                return f"sgx_alloc_epc_page: -{name}, sgx_vepc_fault: VM_FAULT_SIGBUS"
+        return "the model's fault path failed"
+
+    def _refuse(self, sec: EpcSectionBackend, page: int, gpa: int, tid: int, reason: str) -> None:
+        """The host fault fails: PROT_NONE on the page, then wake the waiting fault, whose retry in
+        ``hva_to_pfn`` fails -> KVM_PFN_ERR_FAULT -> KVM_RUN -EFAULT (kvm_main.c; linux-sgx.md §4.10)."""
+        self.refusals.append(Refusal(gpa, tid, reason))
+        sec.mapping.protect(page << PAGE_SHIFT, PAGE_SIZE, writable=False)
+        sec.protected = True
+        self.uffd.wake(sec.mapping.addr + (page << PAGE_SHIFT))
+
+    def efault_gpa(self, tid: int) -> int | None:
+        """The guest-physical address of the refusal that made thread ``tid``'s KVM_RUN fail."""
+        for r in reversed(self.refusals):
+            if r.tid == tid:
+                return r.gpa
+        return self.refusals[-1].gpa if self.refusals else None
+
+    # -- reset and teardown -------------------------------------------------------------------------
+    def reset(self) -> list[int]:
+        """System reset, as QEMU's ``sgx_epc_reset`` (hw/i386/sgx.c, vmm-anchors.md §1.4): REMOVE_ALL on every
+        section, a second pass for SECS pages whose children were in another section; then drop the real
+        host pages (MADV_DONTNEED) so that the next touch faults again. Returns the per-section result of
+        the last pass. The vepc keeps its EPC pages (virt.c ``sgx_vepc_remove_all`` frees nothing)."""
+        model = self.model
+        with model.lock:
+            results = [0] * len(self.sections)
+            for attempt in range(2):                 # RETRY_NUM = 2
+                failures = 0
+                for sec in self.sections:
+                    try:
+                        results[sec.index] = model.vmm.ioctl(sec.model_fd, SGX_IOC_VEPC_REMOVE_ALL, 0)
+                    except OSError as e:
+                        if e.errno == errno.ENOTTY:
+                            # QEMU: "kernel does not support SGX_IOC_VEPC_REMOVE_ALL" (a 5.15 host).
+                            results[sec.index] = -errno.ENOTTY
+                            continue
+                        raise
+                    failures += results[sec.index] > 0
+                if not failures:
+                    break
+            else:
+                bad = next(s.index for s in self.sections if results[s.index] > 0)
+                raise ResetError(f"cannot reset vEPC section {bad}")
+        for sec in self.sections:
+            if sec.protected:
+                sec.mapping.protect(0, sec.size, writable=True)
+                sec.protected = False
+            sec.mapping.dontneed()
+            sec.populated[:] = bytes(len(sec.populated))
+        self.refusals.clear()
+        return results
+
+    def close(self) -> None:
+        """Stop the handler and close the userfaultfd (the real ranges belong to the VM's memslots)."""
+        self.stop()
+        self.uffd.close()
+        self.abort_page.close()
+
+    # -- figures ----------------------------------------------------------------------------------------
+    def populated_pages(self) -> int:
+        return sum(sum(s.populated) for s in self.sections)
+
+
+_ = VM_FAULT_NOPAGE
