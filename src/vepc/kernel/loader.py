@@ -24,7 +24,7 @@ import hashlib
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Callable, TYPE_CHECKING
 
 from vepc.arch.constants import PAGE_SIZE, PageType, SecinfoFlag
 from vepc.arch.structs import SIGSTRUCT_SIZE, Secs, Sigstruct
@@ -111,10 +111,12 @@ def _prot_of(flags: int) -> int:
 
 def load_enclave(kernel: "Kernel", proc: "Process", sgxs_path_or_image: "str | Path | bytes | SgxsImage",
                  sig_path_or_bytes: "str | Path | bytes", *, attributes: int | None = None,
-                 xfrm: int | None = None) -> LoadedEnclave:
+                 xfrm: int | None = None, on_created: "Callable[[], None] | None" = None) -> LoadedEnclave:
     """Load and initialize an enclave in ``proc`` through /dev/sgx_enclave (see the module docstring).
 
-    ``attributes``/``xfrm`` override what the SECS asks for (default: the SIGSTRUCT's). Ioctl failures
+    ``attributes``/``xfrm`` override what the SECS asks for (default: the SIGSTRUCT's). ``on_created`` runs
+    between ENCLAVE_CREATE and the first ADD_PAGES (e.g. the loading thread migrates to another NUMA node,
+    ``proc.node = 1``, so the pages come from another node than the SECS). Ioctl failures
     raise ``OSError`` with the errno the kernel returned; bad images or SIGSTRUCTs raise :class:`LoadError`.
     """
     if isinstance(sgxs_path_or_image, SgxsImage):
@@ -145,6 +147,8 @@ def load_enclave(kernel: "Kernel", proc: "Process", sgxs_path_or_image: "str | P
         secs_buf = proc.alloc_user(secs.pack())
         create_arg = proc.alloc_user(struct.pack("<Q", secs_buf))
         proc.ioctl(fd, SGX_IOC_ENCLAVE_CREATE, create_arg)
+        if on_created is not None:
+            on_created()
 
         src = proc.alloc_user(bytes(PAGE_SIZE))
         secinfo_buf = proc.alloc_user(bytes(64))

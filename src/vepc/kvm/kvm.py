@@ -88,6 +88,8 @@ class Kvm:
     def enable_cap_sgx_attribute(self, vm: Vm, file: File | None) -> int:
         """``KVM_ENABLE_CAP(KVM_CAP_SGX_ATTRIBUTE, fd)``: only the PROVISIONKEY attribute can be granted,
         and only by an fd of /dev/sgx_provision; -EINVAL otherwise (§4.8)."""
+        if not self.check_extension(KVM_CAP_SGX_ATTRIBUTE):
+            return -errno.EINVAL                  # kvm_vm_ioctl_enable_cap: unknown capability
         allowed = [0]
         r = sgx_set_attribute(allowed, file)
         if r:

@@ -11,13 +11,13 @@ Two halves:
 
 * :class:`VirtualEpc` -- the real side: each EPC section is a memslot over an anonymous host range
   registered with userfaultfd (MISSING mode). A handler thread receives the guest's first touch of a page and
-  resolves it through the model: ``model VM.memory.translate(gpa)`` -- the model KVM's EPT-violation path,
-  memslot → the model VMM's vepc VMA → ``fixup_user_fault`` → ``sgx_vepc_fault`` (same index rule, same
-  allocator, same -EBUSY/-ENOMEM outcomes, same events). Then the page is populated with UFFDIO_COPY of a
+  resolves it through the model: the model VMM process's ``fixup_user_fault(model_hva)`` -- what KVM's
+  ``hva_to_pfn_remapped`` does for a VM_PFNMAP memslot -- runs ``sgx_vepc_fault`` for that section's vepc
+  file (same index rule, same allocator, same -EBUSY/-ENOMEM outcomes, same events). Then the page is populated with UFFDIO_COPY of a
   page of 0xFF: EPC read from outside an enclave returns the abort page (vmm-anchors.md §1.2).
 
-When the model refuses (its KVM raises ``KvmRunError(EFAULT)``: ``sgx_vepc_fault`` returned
-VM_FAULT_SIGBUS, ``fixup_user_fault`` -EFAULT, linux-sgx.md §4.10), the page is made PROT_NONE and the
+When the model refuses (``sgx_vepc_fault`` returned VM_FAULT_SIGBUS, so ``fixup_user_fault`` returns
+-EFAULT: linux-sgx.md §4.10), the page is made PROT_NONE and the
 waiting fault woken: the real KVM's retry of ``hva_to_pfn`` then fails, and KVM_RUN returns EFAULT -- what
 QEMU reports as "kvm run failed Bad address". The handler recorded the faulting thread (UFFD_FEATURE_THREAD_ID)
 and address, so the VMM reports the guest-physical address. Why not UFFD_FEATURE_SIGBUS: it makes KVM_RUN
@@ -47,7 +47,7 @@ from vepc.kernel.mm import (
     MAP_SHARED, VM_DONTCOPY, VM_DONTDUMP, VM_FAULT_NOPAGE, VM_FAULT_SIGBUS, VM_IO, VM_PFNMAP, VM_SHARED, File,
     FileOps, Vma, VmFault, VmOps,
 )
-from vepc.kvm import Kvm, KvmExit, KvmRunError, Vcpu
+from vepc.kvm import Kvm, Vcpu
 from vepc.machine import Machine
 from vepc.realkvm.kvm_api import HostMapping
 from vepc.realkvm.uffd import UFFD_FEATURE_THREAD_ID, Userfaultfd
@@ -324,19 +324,15 @@ class VirtualEpc:
             self.uffd.wake(host)                    # raced with fault-around or another vCPU
             return True
         model = self.model
-        gpa = sec.gpa + (page << PAGE_SHIFT)
+        hva = sec.model_hva + (page << PAGE_SHIFT)
         with model.lock:
             mark = len(model.events)
-            try:
-                # The model KVM's EPT violation: memslot -> vepc VMA -> fixup_user_fault -> sgx_vepc_fault.
-                model.vm.memory.translate(gpa, True)
-            except (KvmRunError, KvmExit):
-                reason = self._refusal_reason(mark)
-                self._refuse(sec, page, gpa, tid, reason)
+            # What KVM's hva_to_pfn_remapped does for a VM_PFNMAP memslot: fixup_user_fault in the VMM's mm ->
+            # sgx_vepc_fault (one EPC page allocated, or VM_FAULT_SIGBUS -> -EFAULT; linux-sgx.md §4.10).
+            if model.vmm.fixup_user_fault(hva, write=True) < 0:
+                self._refuse(sec, page, sec.gpa + (page << PAGE_SHIFT), tid, self._refusal_reason(mark))
                 return False
-            run = [page]
-            if self.fault_around > 1:
-                run = self._fault_around(sec, page)
+            run = self._fault_around(sec, page) if self.fault_around > 1 else [page]
         self._populate(sec, run)
         return True
 
@@ -352,9 +348,7 @@ class VirtualEpc:
                 continue
             if pool.nr_free <= 0:
                 break
-            try:
-                self.model.vm.memory.translate(sec.gpa + (p << PAGE_SHIFT), True)
-            except (KvmRunError, KvmExit):
+            if self.model.vmm.fixup_user_fault(sec.model_hva + (p << PAGE_SHIFT), write=True) < 0:
                 break
             out.append(p)
         return sorted(out)
@@ -442,5 +436,3 @@ class VirtualEpc:
     def populated_pages(self) -> int:
         return sum(sum(s.populated) for s in self.sections)
 
-
-_ = VM_FAULT_NOPAGE

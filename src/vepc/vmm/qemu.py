@@ -22,11 +22,12 @@ parses the command line as QEMU does (:mod:`vepc.vmm.options`), lays out guest m
 from __future__ import annotations
 
 import errno
+import os
 import signal
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from vepc.arch.constants import KVM_CAP_SGX_ATTRIBUTE, PAGE_SIZE, FeatureControl, Msr
+from vepc.arch.constants import PAGE_SIZE, FeatureControl, Msr
 from vepc.events import EventKind
 from vepc.kernel.kernel import Kernel, KernelConfig, SgxUnavailable
 from vepc.kernel.mm import MAP_ANONYMOUS, MAP_PRIVATE, MAP_SHARED, KernelError, Process
@@ -170,9 +171,9 @@ class QemuVm:
         from vepc.vmm.cpuid import build_guest_cpuid
 
         cfg = self.config
-        wants_prov = cfg.cpu.requested("sgx-provisionkey")
-        if wants_prov or cfg.cpu.max_features:
-            self.provisioning = self._enable_provisioning(required=bool(wants_prov))
+        if cfg.cpu.requested("sgx-provisionkey") is not False and (cfg.cpu.requested("sgx-provisionkey")
+                                                                   or cfg.cpu.max_features):
+            self.provisioning = self._enable_provisioning()
         self.cpuid = build_guest_cpuid(self.kvm, cfg, self.layout, provisioning=self.provisioning,
                                        qemu_7_1_xfrm_bug=self.qemu_7_1_xfrm_bug)
         node_of_cpu = {c: n.nodeid for n in cfg.numa_nodes for c in n.cpus}
@@ -182,19 +183,17 @@ class QemuVm:
             self.vcpus.append(v)
         self._firmware_feature_control()
 
-    def _enable_provisioning(self, required: bool) -> bool:
-        """target/i386/kvm/kvm.c ``kvm_enable_sgx_provisioning``: the capability and /dev/sgx_provision."""
-        if not self.kvm.check_extension(KVM_CAP_SGX_ATTRIBUTE):
-            return False
+    def _enable_provisioning(self) -> bool:
+        """target/i386/kvm/kvm.c ``kvm_vm_enable_provisioning``: no /dev/sgx_provision → PROVISIONKEY is
+        silently dropped from CPUID.0x12.1; KVM_ENABLE_CAP(KVM_CAP_SGX_ATTRIBUTE) failing is fatal."""
         try:
             fd = self.proc.open("/dev/sgx_provision")
         except OSError:
             return False
         ret = self.kvm.enable_cap_sgx_attribute(self.vm, self.proc.file(fd))
+        self.proc.close(fd)
         if ret:
-            if required:
-                raise QemuError(f"Could not enable SGX PROVISIONKEY: {errno.errorcode.get(-ret, ret)}")
-            return False
+            raise QemuError(f"Could not enable SGX PROVISIONKEY: {os.strerror(-ret)}")
         return True
 
     def _firmware_feature_control(self) -> None:
