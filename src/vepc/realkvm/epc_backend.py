@@ -10,23 +10,24 @@ Two halves:
   model KVM reads PAGEINFO, SECINFO and source pages straight from the real guest's memory.
 
 * :class:`VirtualEpc` -- the real side: each EPC section is a memslot over an anonymous host range
-  registered with userfaultfd (MISSING mode). A handler thread receives the guest's first touch of a page and
-  resolves it through the model: the model VMM process's ``fixup_user_fault(model_hva)`` -- what KVM's
+  registered with userfaultfd (MISSING mode). A handler thread receives the guest's first touch of a page
+  and resolves it through the model: the model VMM process's ``fixup_user_fault(model_hva)`` -- what KVM's
   ``hva_to_pfn_remapped`` does for a VM_PFNMAP memslot -- runs ``sgx_vepc_fault`` for that section's vepc
-  file (same index rule, same allocator, same -EBUSY/-ENOMEM outcomes, same events). Then the page is populated with UFFDIO_COPY of a
-  page of 0xFF: EPC read from outside an enclave returns the abort page (vmm-anchors.md §1.2).
+  file (same index rule, same allocator, same -EBUSY/-ENOMEM outcomes, same events). Then the page is
+  populated with UFFDIO_COPY of a page of 0xFF: EPC read from outside an enclave returns the abort page
+  (vmm-anchors.md §1.2).
 
-When the model refuses (``sgx_vepc_fault`` returned VM_FAULT_SIGBUS, so ``fixup_user_fault`` returns
--EFAULT: linux-sgx.md §4.10), the page is made PROT_NONE and the
-waiting fault woken: the real KVM's retry of ``hva_to_pfn`` then fails, and KVM_RUN returns EFAULT -- what
-QEMU reports as "kvm run failed Bad address". The handler recorded the faulting thread (UFFD_FEATURE_THREAD_ID)
-and address, so the VMM reports the guest-physical address. Why not UFFD_FEATURE_SIGBUS: it makes KVM_RUN
-fail with EFAULT too, but nothing reports which address faulted (real-kvm.md; on the CI machines
-kvm_run.exit_reason stays 0 and CR2 0), while the handler thread knows it exactly.
+Refusal: when ``sgx_vepc_fault`` returns VM_FAULT_SIGBUS (``fixup_user_fault`` -EFAULT; linux-sgx.md
+§4.10), the page is made PROT_NONE and the waiting fault woken: the real KVM's retry of ``hva_to_pfn``
+fails, so KVM_RUN returns EFAULT -- what QEMU reports as "kvm run failed Bad address". The handler recorded
+the faulting thread (UFFD_FEATURE_THREAD_ID) and address, so the VMM reports the guest-physical address.
+Why not UFFD_FEATURE_SIGBUS (which also makes KVM_RUN fail with EFAULT): nothing then says which address
+faulted (real-kvm.md; on the CI machines kvm_run.exit_reason stays 0 and CR2 0 after the EFAULT), while the
+handler thread knows it exactly.
 
-Deviation (opt-in, off by default): ``fault_around=K`` allocates and populates the K-aligned block of pages
-around a fault (while the model pool has free pages) -- the kernel's vepc has no fault-around
-(``sgx_vepc_vm_ops`` has only ``.fault``; one page per fault).
+Deviations: the real EPC pages are RAM, so a guest write outside an enclave sticks (real EPC drops it:
+abort page); ``fault_around=K`` (opt-in, default 1) allocates and populates the K-aligned block around a
+fault -- the kernel's vepc has no fault-around (``sgx_vepc_vm_ops`` has only ``.fault``).
 
 >>> # see sgxvm.SgxVm and tests/test_realkvm.py
 """
@@ -45,7 +46,7 @@ from vepc.events import EventKind
 from vepc.kernel.ioctl_numbers import SGX_IOC_VEPC_REMOVE_ALL
 from vepc.kernel.mm import (
     MAP_SHARED, VM_DONTCOPY, VM_DONTDUMP, VM_FAULT_NOPAGE, VM_FAULT_SIGBUS, VM_IO, VM_PFNMAP, VM_SHARED, File,
-    FileOps, Vma, VmFault, VmOps,
+    FileOps, KernelError, Vma, VmFault, VmOps,
 )
 from vepc.kvm import Kvm, Vcpu
 from vepc.machine import Machine
@@ -103,7 +104,12 @@ class RamWindow(FileOps):
 def model_guest_cpuid(kvm: Kvm, sections: list[tuple[int, int]]) -> dict:
     """CPUID for the model vCPU as a VMM builds it from KVM_GET_SUPPORTED_CPUID (QEMU target/i386/cpu.c,
     vmm-anchors.md §1.6): SGX, SGX_LC, leaf 0x12.0/1 masked (no PROVISIONKEY, XFRM within XCR0 | FP/SSE), and
-    one sub-leaf per EPC section (type 1, properties 1)."""
+    one sub-leaf per EPC section (type 1, properties 1).
+
+    >>> from vepc.machine import Machine
+    >>> hex(model_guest_cpuid(Kvm(Machine.build(epc=["8M"]).kernel), [(0x100000000, 1 << 20)])[(0x12, 2)][1])
+    '0x1'
+    """
     e = {(0x1, 0): (0, 0, 0, 0)}
     _, ebx7, ecx7, _ = kvm.supported_cpuid(0x7, 0)
     e[(0x7, 0)] = (0, ebx7 & CPUID_7_EBX_SGX, ecx7 & CPUID_7_ECX_SGX_LC, 0)
@@ -150,7 +156,9 @@ class ModelHost:
         self.exited = False
 
     def attach_ram(self, ram: HostMapping, gpa: int = 0, slot: int = 0) -> int:
-        """Make the real guest RAM the model VM's RAM memslot; returns the model VMM address of it."""
+        """Make the real guest RAM the model VM's RAM memslot; returns the model VMM address of it.
+
+        Example: ``model.attach_ram(vm.ram)``; then ``model.vm.memory.read(gpa, n) == vm.read(gpa, n)``."""
         base = EXTERNAL_RAM_BASE
         self.processor.memory.attach_external(PhysAddr(base), ram.view)
         self.ram_base = base
@@ -162,17 +170,23 @@ class ModelHost:
         return hva
 
     def open_vepc(self, size: int) -> tuple[int, int]:
-        """open("/dev/sgx_vepc") and mmap it shared in the model VMM: ``(fd, address)``."""
+        """open("/dev/sgx_vepc") and mmap it shared in the model VMM: ``(fd, address)``.
+
+        Example: ``fd, hva = model.open_vepc(32 << 20)``."""
         fd = self.vmm.open("/dev/sgx_vepc")
         return fd, self.vmm.mmap(size, flags=MAP_SHARED, fd=fd)
 
     def add_epc_memslot(self, slot: int, gpa: int, size: int, hva: int) -> None:
+        """The model VM's memslot for an EPC section (its vepc mapping). Example:
+        ``model.add_epc_memslot(1, EPC_GPA, size, hva)``."""
         self.vm.set_user_memory_region(slot, gpa, size, hva)
         self.sections.append((gpa, size))
 
     def create_vcpu(self, index: int) -> Vcpu:
         """A model vCPU with the CPUID a VMM sets and IA32_FEATURE_CONTROL as guest firmware leaves it
-        (locked, SGX and LC enabled; host-initiated writes, vmx.c vmx_set_msr)."""
+        (locked, SGX and LC enabled; host-initiated writes, vmx.c vmx_set_msr).
+
+        Example: ``model.create_vcpu(0).encls(Leaf.EREMOVE, 0, EPC_GPA)`` → 0."""
         vcpu = Vcpu(self.vm, index)
         vcpu.set_cpuid(model_guest_cpuid(self.kvm, self.sections))
         lc = FeatureControl.SGX_LC_ENABLED if vcpu.guest_has("sgx_lc") else 0
@@ -182,7 +196,9 @@ class ModelHost:
         return vcpu
 
     def set_le_hash(self, digest: bytes) -> None:
-        """IA32_SGXLEPUBKEYHASH0-3 of every model vCPU = ``digest`` (host-initiated, as a VMM restores them)."""
+        """IA32_SGXLEPUBKEYHASH0-3 of every model vCPU = ``digest`` (host-initiated, as a VMM restores them).
+
+        Example: ``model.set_le_hash(mrsigner(read_sigstruct("test_enclave.sig")))``."""
         for vcpu in self.vcpus:
             for i in range(4):
                 vcpu.wrmsr(Msr.IA32_SGXLEPUBKEYHASH0 + i, int.from_bytes(digest[8 * i:8 * i + 8], "little"),
@@ -190,7 +206,7 @@ class ModelHost:
 
     def exit(self) -> None:
         """The model VMM process exits: its vepc files are released (EREMOVE, free, zombies; virt.c
-        ``sgx_vepc_release``), the model VM goes, the external RAM is detached."""
+        ``sgx_vepc_release``), the model VM goes, the external RAM is detached. Example: ``model.exit()``."""
         if self.exited:
             return
         self.exited = True
@@ -251,15 +267,20 @@ class VirtualEpc:
         self.abort_page.view[:] = b"\xff" * (fault_around * PAGE_SIZE)
         self.sections: list[EpcSectionBackend] = []
         self.refusals: list[Refusal] = []
+        #: Faults the model could not resolve either way (its fault retried without progress).
+        self.stuck: list[Refusal] = []
         self.faults = 0                 # fault messages handled
         self.pages_populated = 0        # pages UFFDIO_COPYed
         self.handler_error: BaseException | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._serve_lock = threading.Lock()
 
     # -- sections ---------------------------------------------------------------------------------
     def add_section(self, gpa: int, size: int) -> EpcSectionBackend:
-        """Open a model vepc for the section, make the real range and register it with userfaultfd."""
+        """Open a model vepc for the section, make the real range and register it with userfaultfd.
+
+        Example: ``sec = epc.add_section(EPC_GPA, 32 << 20); vm.set_memslot(1, sec.gpa, sec.mapping)``."""
         if size <= 0 or size % PAGE_SIZE or gpa % PAGE_SIZE:
             raise ValueError("an EPC section is a positive multiple of 4 KiB at a 4 KiB-aligned address")
         with self.model.lock:
@@ -275,6 +296,7 @@ class VirtualEpc:
         return sec
 
     def section_of_hva(self, addr: int) -> EpcSectionBackend | None:
+        """The section whose real range holds ``addr``. Example: ``epc.section_of_hva(sec.mapping.addr)``."""
         for s in self.sections:
             if s.contains_hva(addr):
                 return s
@@ -282,12 +304,14 @@ class VirtualEpc:
 
     # -- the handler thread ---------------------------------------------------------------------------
     def start(self) -> None:
+        """Start the handler thread. Example: ``epc.start()``."""
         if self._thread is None:
             self._stop.clear()
             self._thread = threading.Thread(target=self._handler, name="vepc-uffd", daemon=True)
             self._thread.start()
 
     def stop(self, timeout: float = 5.0) -> None:
+        """Stop the handler thread (bounded: it polls its stop flag every 50 ms). Example: ``epc.stop()``."""
         th = self._thread
         if th is not None:
             self._stop.set()
@@ -313,59 +337,84 @@ class VirtualEpc:
 
     def serve(self, addr: int, write: bool = True, tid: int = 0) -> bool:
         """Resolve one first touch at host address ``addr``: through the model, then UFFDIO_COPY of the abort
-        page; or refuse it. Returns True when the page was populated."""
-        self.faults += 1
-        sec = self.section_of_hva(addr)
-        if sec is None:
-            raise RuntimeError(f"userfault at {addr:#x} outside every EPC section")
-        page = (addr - sec.mapping.addr) >> PAGE_SHIFT
-        host = sec.mapping.addr + (page << PAGE_SHIFT)
-        if sec.populated[page]:
-            self.uffd.wake(host)                    # raced with fault-around or another vCPU
+        page; or refuse it. Returns True when the page was populated.
+
+        A message can be stale (the page was populated since, e.g. by fault-around): the model then finds
+        its PTE (no allocation) and the copy reports EEXIST, so the waiter is just woken. Serving and
+        :meth:`reset` exclude each other, so a copy never lands before a reset's MADV_DONTNEED while the
+        bookkeeping says "populated" after it."""
+        with self._serve_lock:
+            self.faults += 1
+            sec = self.section_of_hva(addr)
+            if sec is None:
+                raise RuntimeError(f"userfault at {addr:#x} outside every EPC section")
+            page = (addr - sec.mapping.addr) >> PAGE_SHIFT
+            model = self.model
+            hva = sec.model_hva + (page << PAGE_SHIFT)
+            with model.lock:
+                mark = len(model.events)
+                # What KVM's hva_to_pfn_remapped does for a VM_PFNMAP memslot: fixup_user_fault in the VMM's
+                # mm -> sgx_vepc_fault (one EPC page, or VM_FAULT_SIGBUS -> -EFAULT; linux-sgx.md §4.10).
+                try:
+                    pfn = model.vmm.fixup_user_fault(hva, write=True)
+                except KernelError as e:
+                    # -EBUSY -> VM_FAULT_RETRY forever (nothing reclaimable frees a page): the real fault
+                    # would retry forever too, so the vCPU stays blocked until the VMM's run timeout.
+                    self.stuck.append(Refusal(sec.gpa + (page << PAGE_SHIFT), tid, f"model: {e}"))
+                    return False
+                if pfn < 0:
+                    self._refuse(sec, page, sec.gpa + (page << PAGE_SHIFT), tid, self._refusal_reason(mark))
+                    return False
+                pages = self._fault_around(sec, page) if self.fault_around > 1 else [page]
+            self._populate_runs(sec, pages)         # UFFDIO_COPY wakes the faulting vCPU
             return True
-        model = self.model
-        hva = sec.model_hva + (page << PAGE_SHIFT)
-        with model.lock:
-            mark = len(model.events)
-            # What KVM's hva_to_pfn_remapped does for a VM_PFNMAP memslot: fixup_user_fault in the VMM's mm ->
-            # sgx_vepc_fault (one EPC page allocated, or VM_FAULT_SIGBUS -> -EFAULT; linux-sgx.md §4.10).
-            if model.vmm.fixup_user_fault(hva, write=True) < 0:
-                self._refuse(sec, page, sec.gpa + (page << PAGE_SHIFT), tid, self._refusal_reason(mark))
-                return False
-            run = self._fault_around(sec, page) if self.fault_around > 1 else [page]
-        self._populate(sec, run)
-        return True
 
     def _fault_around(self, sec: EpcSectionBackend, page: int) -> list[int]:
-        """Deviation (opt-in): allocate the K-aligned block around ``page`` while the pool has free pages, so
-        that fault-around never causes a refusal of its own. Called with the model lock held."""
+        """Deviation (opt-in): also allocate the other pages of the K-aligned block around ``page`` -- while
+        the model pool has free pages, so that fault-around never causes a refusal of its own. Returns the
+        pages to populate, ascending. Called with the model lock held.
+
+        (Populating the faulting page first and the rest while the guest runs was measured slower here: the
+        guest runs into pages not yet copied and sleeps on them.)"""
         k = self.fault_around
         first = page & ~(k - 1)
         pool = self.model.kernel.pool
+        fixup = self.model.vmm.fixup_user_fault
+        populated = sec.populated
         out = [page]
         for p in range(first, min(first + k, sec.nr_pages)):
-            if p == page or sec.populated[p]:
+            if p == page or populated[p]:
                 continue
-            if pool.nr_free <= 0:
-                break
-            if self.model.vmm.fixup_user_fault(sec.model_hva + (p << PAGE_SHIFT), write=True) < 0:
+            if pool.nr_free <= 0 or fixup(sec.model_hva + (p << PAGE_SHIFT), write=True) < 0:
                 break
             out.append(p)
-        return sorted(out)
+        out.sort()
+        return out
 
-    def _populate(self, sec: EpcSectionBackend, pages: list[int]) -> None:
-        """UFFDIO_COPY the abort page over each run of consecutive pages (staying inside the registered
-        range: real-kvm.md, ENOENT past its end)."""
+    def _populate_runs(self, sec: EpcSectionBackend, pages: list[int]) -> None:
         i = 0
         while i < len(pages):
             j = i
             while j + 1 < len(pages) and pages[j + 1] == pages[j] + 1:
                 j += 1
-            start, n = pages[i], j - i + 1
-            self.uffd.copy(sec.mapping.addr + (start << PAGE_SHIFT), self.abort_page.addr, n << PAGE_SHIFT)
-            sec.populated[start:start + n] = b"\x01" * n
-            self.pages_populated += n
+            self._populate(sec, pages[i], j - i + 1)
             i = j + 1
+
+    def _populate(self, sec: EpcSectionBackend, start: int, n: int) -> None:
+        """UFFDIO_COPY the abort page over pages ``[start, start+n)`` of the section (inside the registered
+        range: real-kvm.md, ENOENT past its end); the copy wakes faults waiting there. A page already present
+        (EEXIST) is skipped after waking its waiters (UFFDIO_WAKE)."""
+        addr = sec.mapping.addr + (start << PAGE_SHIFT)
+        end = addr + (n << PAGE_SHIFT)
+        while addr < end:                           # bounded: every pass advances at least one page
+            done = self.uffd.copy(addr, self.abort_page.addr, end - addr)
+            if done <= 0:
+                self.uffd.wake(addr)
+                done = PAGE_SIZE
+            else:
+                self.pages_populated += done >> PAGE_SHIFT
+            addr += done
+        sec.populated[start:start + n] = b"\x01" * n
 
     def _refusal_reason(self, mark: int) -> str:
         ev = self.model.events
@@ -385,37 +434,43 @@ class VirtualEpc:
         self.uffd.wake(sec.mapping.addr + (page << PAGE_SHIFT))
 
     def efault_gpa(self, tid: int) -> int | None:
-        """The guest-physical address of the refusal that made thread ``tid``'s KVM_RUN fail."""
+        """The guest-physical address of the refusal that made thread ``tid``'s KVM_RUN fail.
+
+        Example: ``hex(epc.efault_gpa(vcpu.native_id))`` → '0x100800000'."""
         for r in reversed(self.refusals):
             if r.tid == tid:
                 return r.gpa
         return self.refusals[-1].gpa if self.refusals else None
 
     # -- reset and teardown -------------------------------------------------------------------------
-    def reset(self) -> list[int]:
+    def reset(self) -> list[list[int]]:
         """System reset, as QEMU's ``sgx_epc_reset`` (hw/i386/sgx.c, vmm-anchors.md §1.4): REMOVE_ALL on every
-        section, a second pass for SECS pages whose children were in another section; then drop the real
-        host pages (MADV_DONTNEED) so that the next touch faults again. Returns the per-section result of
-        the last pass. The vepc keeps its EPC pages (virt.c ``sgx_vepc_remove_all`` frees nothing)."""
+        section, a second pass only if the first left SECS pages (children in another section); then drop the
+        real host pages (MADV_DONTNEED) so that the next touch faults again. Returns each pass's per-section
+        results (number of SECS pages that failed, or -ENOTTY on a "5.15" host without the ioctl). The vepc
+        keeps its EPC pages (virt.c ``sgx_vepc_remove_all`` frees nothing)."""
+        with self._serve_lock:
+            return self._reset_locked()
+
+    def _reset_locked(self) -> list[list[int]]:
         model = self.model
+        passes: list[list[int]] = []
         with model.lock:
-            results = [0] * len(self.sections)
-            for attempt in range(2):                 # RETRY_NUM = 2
-                failures = 0
+            for _ in range(2):                       # RETRY_NUM = 2
+                results = []
                 for sec in self.sections:
                     try:
-                        results[sec.index] = model.vmm.ioctl(sec.model_fd, SGX_IOC_VEPC_REMOVE_ALL, 0)
+                        results.append(model.vmm.ioctl(sec.model_fd, SGX_IOC_VEPC_REMOVE_ALL, 0))
                     except OSError as e:
-                        if e.errno == errno.ENOTTY:
-                            # QEMU: "kernel does not support SGX_IOC_VEPC_REMOVE_ALL" (a 5.15 host).
-                            results[sec.index] = -errno.ENOTTY
-                            continue
-                        raise
-                    failures += results[sec.index] > 0
-                if not failures:
+                        if e.errno != errno.ENOTTY:
+                            raise
+                        # QEMU warns "kernel does not support SGX_IOC_VEPC_REMOVE_ALL" (a 5.15 host).
+                        results.append(-errno.ENOTTY)
+                passes.append(results)
+                if not any(r > 0 for r in results):
                     break
             else:
-                bad = next(s.index for s in self.sections if results[s.index] > 0)
+                bad = next(i for i, r in enumerate(passes[-1]) if r > 0)
                 raise ResetError(f"cannot reset vEPC section {bad}")
         for sec in self.sections:
             if sec.protected:
@@ -424,15 +479,18 @@ class VirtualEpc:
             sec.mapping.dontneed()
             sec.populated[:] = bytes(len(sec.populated))
         self.refusals.clear()
-        return results
+        return passes
 
     def close(self) -> None:
-        """Stop the handler and close the userfaultfd (the real ranges belong to the VM's memslots)."""
+        """Stop the handler and close the userfaultfd (the real ranges belong to the VM's memslots).
+
+        Example: ``epc.close()`` after the model VMM exited and before ``vm.close()``."""
         self.stop()
         self.uffd.close()
         self.abort_page.close()
 
     # -- figures ----------------------------------------------------------------------------------------
     def populated_pages(self) -> int:
+        """Pages populated on the real side. Example: ``epc.populated_pages()`` → 0 after a reset."""
         return sum(sum(s.populated) for s in self.sections)
 

@@ -248,12 +248,15 @@ class HostMapping:
         self.closed = False
 
     def madvise(self, offset: int, length: int, advice: int) -> None:
+        """madvise(2) on ``[addr+offset, addr+offset+length)``. Example: ``m.madvise(0, m.size, MADV_DONTNEED)``."""
         if _libc.madvise(self.addr + offset, length, advice) < 0:
             err = ctypes.get_errno()
             raise OSError(err, f"madvise: {os.strerror(err)}")
 
     def protect(self, offset: int, length: int, writable: bool) -> None:
-        """mprotect(2) part of the mapping to PROT_NONE (``writable=False``) or back to read-write."""
+        """mprotect(2) part of the mapping to PROT_NONE (``writable=False``) or back to read-write.
+
+        Example: ``m.protect(4096, 4096, writable=False)`` -- a guest access there now fails with EFAULT."""
         prot = PROT_READ | PROT_WRITE if writable else 0
         if _libc.mprotect(self.addr + offset, length, prot) < 0:
             err = ctypes.get_errno()
@@ -264,7 +267,7 @@ class HostMapping:
         self.madvise(offset, self.size - offset if length is None else length, MADV_DONTNEED)
 
     def close(self) -> None:
-        """munmap(2). The memory must no longer be in a memslot."""
+        """munmap(2). The memory must no longer be in a memslot. Example: ``m.close()``."""
         if not self.closed:
             self.closed = True
             self.view.release()

@@ -23,7 +23,6 @@ during the leaf (EPC exhaustion on its EPT violation) stops the real VM the same
 from __future__ import annotations
 
 import struct
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -105,8 +104,12 @@ class SgxVm:
     host's EPC; ``fault_around``: pages allocated per fault (1 = the kernel's behaviour; >1 is an opt-in
     deviation); ``timeout``: bound on every guest run (seconds).
 
-    >>> SgxVm.__init__.__doc__ is None
-    True
+    Example::
+
+        with SgxVm(epc="32M", host_epc="64M") as vm:
+            vm.touch("16M").epc_allocated                                    # 4096
+            vm.load_enclave("test_enclave.sgxs", "test_enclave.sig").mrenclave.hex()   # '784acfd7...'
+            vm.reset()                                                       # [[1], [0]]
     """
 
     def __init__(self, epc: str | int | list = "32M", host_epc: str | list[str] = "64M", ram: int | str = MIN_RAM,
@@ -144,6 +147,8 @@ class SgxVm:
             self.close()
             raise
         self.ram_size = ram_size
+        #: Model events before this VM (the host's boot) are not this VM's.
+        self.event_mark = len(self.model.events)
         self._data_next = DATA_GPA
         self._epc_next = 0
         self.runs: list[RunResult] = []
@@ -175,19 +180,27 @@ class SgxVm:
         pages = nbytes // PAGE_SIZE
         use = self.vcpus[:vcpus or len(self.vcpus)]
         share = -(-pages // len(use))
+        ranges = []
         for i, v in enumerate(use):
             first = min(pages, i * share)
             count = min(share, pages - first)
-            self.vm.write(args_gpa(v.index), struct.pack("<QQQQ", sec.gpa + offset + first * PAGE_SIZE, count,
-                                                         PAGE_SIZE, TOUCH_VERIFY if verify else TOUCH_WRITE))
+            start = sec.gpa + offset + first * PAGE_SIZE
+            ranges.append((start, count))
+            self.vm.write(args_gpa(v.index), struct.pack("<QQQQ", start, count, PAGE_SIZE,
+                                                         TOUCH_VERIFY if verify else TOUCH_WRITE))
             self.vm.start_vcpu(v, "touch")
         before_vepc, before_faults = self._vepc_pages(), self.epc.faults
         res = self._run(use)
-        touched = sum(o.result.rbx for o in res.vcpus if o.status == "done")
-        bad = sum(o.result.rax for o in res.vcpus if o.status == "done")
+        touched = bad = 0
+        for o, (start, count) in zip(res.vcpus, ranges, strict=False):
+            if o.status == "done":
+                touched += o.result.rbx
+                bad += o.result.rax
+            elif getattr(o.error, "gpa", None) is not None and start <= o.error.gpa < start + count * PAGE_SIZE:
+                touched += (o.error.gpa - start) // PAGE_SIZE      # the loop stopped at that page
         loops = [o.loop_seconds for o in res.vcpus if o.loop_seconds]
-        return TouchResult(pages, touched, bad, max(loops) if loops and res.error is None else None,
-                           "done" if res.error is None else res.vcpus[0].status if len(res.vcpus) == 1 else "failed",
+        status = "done" if res.error is None else next(o.status for o in res.vcpus if o.error is not None)
+        return TouchResult(pages, touched, bad, max(loops) if loops and res.error is None else None, status,
                            res.error, self.epc.faults - before_faults, self._vepc_pages() - before_vepc,
                            dict(res.exits))
 
@@ -258,7 +271,9 @@ class SgxVm:
 
     @staticmethod
     def ram_for_enclave(sgxs: str | Path) -> int:
-        """Guest RAM an enclave image needs (rounded to 2 MiB, at least 4 MiB)."""
+        """Guest RAM an enclave image needs (rounded to 2 MiB, at least 4 MiB).
+
+        Example: ``SgxVm.ram_for_enclave("test_enclave.sgxs")`` → 4194304."""
         from vepc.formats.sgxs import read_sgxs
         pages = len(read_sgxs(sgxs).pages)
         need = DATA_GPA + (pages + 8) * (PAGE_SIZE + 64) + 64 * 1024 + 32 * pages * 20
@@ -316,11 +331,11 @@ class SgxVm:
         v = self.vcpus[vcpu]
         self.vm.write(args_gpa(v.index), struct.pack("<QQQQ", secs_epc, op_gpa, scratch, out))
         self.vm.start_vcpu(v, "load_enclave")
-        before = self.encls_calls
+        before, counts_before = self.encls_calls, dict(self.leaf_counts)
         res = self._run([v])
         self._epc_next += npages
         o = res.vcpus[0]
-        leaves = dict(self.leaf_counts)
+        leaves = {k: n - counts_before.get(k, 0) for k, n in self.leaf_counts.items() if n > counts_before.get(k, 0)}
         if o.status != "done":
             return EnclaveResult(None, o.status, -1, None, self.encls_calls - before, npages, o.error, leaves)
         regs = o.result
@@ -332,8 +347,10 @@ class SgxVm:
                              None, leaves)
 
     # -- reset, figures, teardown ----------------------------------------------------------------------
-    def reset(self) -> list[int]:
-        """System reset: REMOVE_ALL (two passes) and drop the real EPC pages; see VirtualEpc.reset."""
+    def reset(self) -> list[list[int]]:
+        """System reset: REMOVE_ALL (up to two passes) and drop the real EPC pages; see VirtualEpc.reset.
+
+        Example: after loading an enclave, ``vm.reset()`` → ``[[1], [0]]`` (the SECS goes on the 2nd pass)."""
         results = self.epc.reset()
         self._epc_next = 0
         return results
@@ -343,7 +360,9 @@ class SgxVm:
             return sum(len(self.model.vmm.file(s.model_fd).private_data.page_array) for s in self.epc.sections)
 
     def stats(self) -> dict:
-        """Model and backend figures (EPC pool, vepc pages, faults, events)."""
+        """Model and backend figures (EPC pool, vepc pages, faults, events since this VM was made).
+
+        Example: ``vm.stats()["vepc_pages"]`` → 4096 after touching 16 MiB."""
         k = self.model.kernel
         with self.model.lock:
             counts = k.pool.counts()
@@ -352,16 +371,14 @@ class SgxVm:
                 "host_epc_pages": counts["total"], "host_epc_free": k.pool.nr_free, "vepc_pages": counts["vepc"],
                 "uffd_faults": self.epc.faults, "pages_populated": self.epc.pages_populated,
                 "refusals": [{"gpa": r.gpa, "reason": r.reason} for r in self.epc.refusals],
-                "model_events": {n.name: ev.count(n) for n in (EventKind.VEPC_FAULT, EventKind.EPC_ALLOC,
-                                                                 EventKind.EPC_ALLOC_FAIL, EventKind.EPT_VIOLATION,
-                                                                 EventKind.VEPC_REMOVE_ALL, EventKind.EPC_FREE)},
+                "model_events": {n.name: ev.count(n, self.event_mark) for n in _REPORTED_EVENTS},
                 "encls": dict(self.leaf_counts),
                 "invariants": check_invariants(k, self.model.processor),
             }
 
     def close(self) -> None:
         """VM exit: stop the fault handler, the model VMM process exits (its vepc files are released), the
-        userfaultfd and the real VM go."""
+        userfaultfd and the real VM go. Example: ``vm.close()``; then the model host is idle."""
         if self.closed:
             return
         self.closed = True
@@ -380,5 +397,6 @@ class SgxVm:
         self.close()
 
 
+_REPORTED_EVENTS = (EventKind.VEPC_FAULT, EventKind.EPC_ALLOC, EventKind.EPC_ALLOC_FAIL, EventKind.EPT_VIOLATION,
+                    EventKind.VEPC_REMOVE_ALL, EventKind.EPC_FREE, EventKind.VEPC_RELEASE)
 _OP_NAMES = {OP_ECREATE: "ECREATE", OP_EADD: "EADD", OP_EEXTEND: "EEXTEND", OP_EINIT: "EINIT"}
-_ = time

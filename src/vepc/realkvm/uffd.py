@@ -119,8 +119,9 @@ class Userfaultfd:
     once (a KVM vCPU's KVM_RUN fails with EFAULT) instead of queueing a message (userfaultfd.h,
     real-kvm.md). ``nonblocking`` makes :meth:`read` return ``[]`` when nothing is pending.
 
-    >>> Userfaultfd.__init__.__doc__ is None
-    True
+    >>> with Userfaultfd() as u:
+    ...     u.read(), u.wait(0.01)
+    ([], False)
     """
 
     def __init__(self, features: int = 0, nonblocking: bool = True) -> None:
@@ -159,17 +160,21 @@ class Userfaultfd:
             os.close(dev)
 
     def register(self, start: int, length: int) -> None:
-        """UFFDIO_REGISTER ``[start, start+length)`` in MISSING mode."""
+        """UFFDIO_REGISTER ``[start, start+length)`` in MISSING mode: each first touch becomes a message.
+
+        Example: ``u.register(mapping.addr, mapping.size)``."""
         reg = UffdioRegister(UffdRange(start, length), UFFDIO_REGISTER_MODE_MISSING, 0)
         _ioctl(self.fd, UFFDIO_REGISTER, reg)
 
     def unregister(self, start: int, length: int) -> None:
-        """UFFDIO_UNREGISTER (wakes any fault still waiting in the range)."""
+        """UFFDIO_UNREGISTER (wakes any fault still waiting in the range). Example: ``u.unregister(a, n)``."""
         _ioctl(self.fd, UFFDIO_UNREGISTER, UffdRange(start, length))
 
     def copy(self, dst: int, src: int, length: int = PAGE_SIZE, wake: bool = True) -> int:
         """UFFDIO_COPY ``length`` bytes from address ``src`` to the missing range at ``dst``; returns the bytes
-        copied. EEXIST (already populated) returns 0. ENOENT past the registered range raises (real-kvm.md)."""
+        copied. EEXIST (already populated) returns 0. ENOENT past the registered range raises (real-kvm.md).
+
+        Example: ``u.copy(fault.address & ~4095, abort_page.addr)`` → 4096."""
         c = self._copy
         c.dst, c.src, c.len, c.mode, c.copy = dst, src, length, 0 if wake else UFFDIO_COPY_MODE_DONTWAKE, 0
         if _libc.ioctl(self.fd, UFFDIO_COPY, ctypes.addressof(c)) < 0:
@@ -182,7 +187,9 @@ class Userfaultfd:
         return c.copy
 
     def zeropage(self, dst: int, length: int = PAGE_SIZE) -> int:
-        """UFFDIO_ZEROPAGE (maps the shared zero page for private memory: a later write faults again)."""
+        """UFFDIO_ZEROPAGE (maps the shared zero page for private memory: a later write faults again).
+
+        Example: ``u.zeropage(addr)`` → 4096."""
         z = self._zero
         z.range.start, z.range.len, z.mode, z.zeropage = dst, length, 0, 0
         if _libc.ioctl(self.fd, UFFDIO_ZEROPAGE, ctypes.addressof(z)) < 0:
@@ -193,13 +200,15 @@ class Userfaultfd:
         return z.zeropage
 
     def wake(self, start: int, length: int = PAGE_SIZE) -> None:
-        """UFFDIO_WAKE: let faults waiting in the range retry."""
+        """UFFDIO_WAKE: let faults waiting in the range retry. Example: ``u.wake(page_addr)``."""
         r = self._range
         r.start, r.len = start, length
         _ioctl(self.fd, UFFDIO_WAKE, r)
 
     def read(self) -> list[UffdFault]:
-        """Pending page-fault messages (at most 64); ``[]`` when none (non-blocking descriptor)."""
+        """Pending page-fault messages (at most 64); ``[]`` when none (non-blocking descriptor).
+
+        Example: ``[(hex(f.address), f.write) for f in u.read()]`` → ``[('0x7f...000', True)]``."""
         try:
             n = os.readv(self.fd, [self._buf])
         except BlockingIOError:
@@ -212,7 +221,9 @@ class Userfaultfd:
         return out
 
     def wait(self, timeout: float) -> bool:
-        """Block until a message is pending or ``timeout`` seconds pass; True when readable."""
+        """Block until a message is pending or ``timeout`` seconds pass; True when readable.
+
+        Example: ``u.wait(0.05)`` → False when no guest is faulting."""
         r, _, _ = select.select([self.fd], [], [], timeout)
         return bool(r)
 

@@ -83,7 +83,11 @@ SIG_KICK = signal.SIGUSR1
 
 
 def args_gpa(index: int) -> int:
-    """Guest-physical address of vCPU ``index``'s argument block (4 KiB each)."""
+    """Guest-physical address of vCPU ``index``'s argument block (4 KiB each).
+
+    >>> hex(args_gpa(1))
+    '0x31000'
+    """
     return 0x30000 + index * PAGE_SIZE
 
 
@@ -169,19 +173,23 @@ class RealVcpu:
 
     # -- registers ------------------------------------------------------------------------------
     def get_regs(self) -> KvmRegs:
+        """KVM_GET_REGS. Example: ``hex(vcpu.get_regs().rip)``."""
         r = KvmRegs()
         ioctl(self.fd, KVM_GET_REGS, r)
         return r
 
     def set_regs(self, regs: KvmRegs) -> None:
+        """KVM_SET_REGS. Example: ``r = vcpu.get_regs(); r.rax = 0; vcpu.set_regs(r)``."""
         ioctl(self.fd, KVM_SET_REGS, regs)
 
     def get_sregs(self) -> KvmSregs:
+        """KVM_GET_SREGS. Example: ``hex(vcpu.get_sregs().cr0)`` → '0x80050033' once started."""
         s = KvmSregs()
         ioctl(self.fd, KVM_GET_SREGS, s)
         return s
 
     def set_sregs(self, sregs: KvmSregs) -> None:
+        """KVM_SET_SREGS (EINVAL with CR4.PCID or CR4.OSXSAVE here: real-kvm.md)."""
         ioctl(self.fd, KVM_SET_SREGS, sregs)
 
     # -- kvm_run --------------------------------------------------------------------------------
@@ -190,12 +198,16 @@ class RealVcpu:
         return struct.unpack_from("<I", self.run_map, 8)[0]
 
     def io_exit(self) -> IoExit:
-        """Decode ``kvm_run.io`` (include/uapi/linux/kvm.h: direction, size, port, count, data_offset)."""
+        """Decode ``kvm_run.io`` (include/uapi/linux/kvm.h: direction, size, port, count, data_offset).
+
+        Example: after ``out %al, $0xE0`` → ``IoExit(port=0xE0, out=True, size=1, data=b'...')``."""
         direction, size, port, count, off = struct.unpack_from("<BBHIQ", self.run_map, 32)
         return IoExit(port, direction == KVM_EXIT_IO_OUT, size, bytes(self.run_map[off:off + size * count]))
 
     def set_immediate_exit(self, value: bool) -> None:
-        """``kvm_run.immediate_exit`` (offset 1): KVM_RUN returns EINTR at once while set."""
+        """``kvm_run.immediate_exit`` (offset 1, kvm.h): KVM_RUN returns EINTR at once while set.
+
+        Example: ``vcpu.set_immediate_exit(True)`` before kicking the thread with a signal."""
         self.run_map[1] = 1 if value else 0
 
     def close(self) -> None:
@@ -239,7 +251,9 @@ class RealVm:
 
     # -- memory ---------------------------------------------------------------------------------
     def set_memslot(self, slot: int, gpa: int, mapping: HostMapping | None) -> None:
-        """KVM_SET_USER_MEMORY_REGION: map ``mapping`` at ``gpa`` (``None`` deletes the slot)."""
+        """KVM_SET_USER_MEMORY_REGION: map ``mapping`` at ``gpa`` (``None`` deletes the slot).
+
+        Example: ``vm.set_memslot(1, EPC_GPA, HostMapping(1 << 20))``."""
         if mapping is None:
             old = self.slots.pop(slot, None)
             if old is not None:
@@ -251,7 +265,9 @@ class RealVm:
 
     def add_ram(self, size: int, slot: int = 0) -> HostMapping:
         """Guest RAM at GPA 0 (private anonymous memory, populated up front so that its pages never fault
-        into the model's path), plus the GDT, IDT, TSSs and the identity map of the RAM."""
+        into the model's path), plus the GDT, IDT, TSSs and the identity map of the RAM.
+
+        Example: ``ram = vm.add_ram(4 << 20)``."""
         if size < 2 << 20 or size % (2 << 20) or size > 3 << 30:
             raise VmmError("guest RAM must be a multiple of 2 MiB between 2 MiB and 3 GiB")
         ram = HostMapping(size)
@@ -263,7 +279,9 @@ class RealVm:
         return ram
 
     def identity_map(self, gpa: int, size: int) -> None:
-        """Map ``[gpa, gpa+size)`` 1:1 with 2 MiB user pages (writes page tables into guest RAM)."""
+        """Map ``[gpa, gpa+size)`` 1:1 with 2 MiB user pages (writes page tables into guest RAM).
+
+        Example: ``vm.identity_map(EPC_GPA, 32 << 20)``."""
         view = self.ram.view
         if not self._pds:
             view[PML4_GPA:PML4_GPA + 8] = struct.pack("<Q", PDPT_GPA | PTE_P | PTE_W | PTE_U)
@@ -296,15 +314,17 @@ class RealVm:
             view[base + 4:base + 12] = struct.pack("<Q", _r0_stack(i))
 
     def write(self, gpa: int, data: bytes) -> None:
-        """Write guest RAM."""
+        """Write guest RAM. Example: ``vm.write(args_gpa(0), struct.pack("<Q", 1))``."""
         self.ram.view[gpa:gpa + len(data)] = data
 
     def read(self, gpa: int, size: int) -> bytes:
-        """Read guest RAM."""
+        """Read guest RAM. Example: ``vm.read(0x10000, 2)``."""
         return bytes(self.ram.view[gpa:gpa + size])
 
     def load_program(self, image: GuestImage) -> None:
-        """Copy the guest program to CODE_GPA and point the IDT's 32 exception gates at its stubs."""
+        """Copy the guest program to CODE_GPA and point the IDT's 32 exception gates at its stubs.
+
+        Example: ``vm.load_program(build_guest())``."""
         if len(image.code) > CODE_MAX:
             raise VmmError(f"guest program of {len(image.code)} bytes does not fit in {CODE_MAX}")
         self.write(CODE_GPA, image.code)
@@ -318,6 +338,7 @@ class RealVm:
 
     # -- vCPUs ----------------------------------------------------------------------------------
     def create_vcpu(self, index: int | None = None) -> RealVcpu:
+        """KVM_CREATE_VCPU (at most KVM_CAP_NR_VCPUS: 2 on the CI machines). Example: ``v = vm.create_vcpu()``."""
         index = len(self.vcpus) if index is None else index
         if index >= self.max_vcpus:
             raise VmmError(f"KVM allows {self.max_vcpus} vCPUs here (KVM_CAP_NR_VCPUS)")
@@ -327,7 +348,9 @@ class RealVm:
 
     def start_vcpu(self, vcpu: RealVcpu, symbol: str, arg: int | None = None, ring: int = 3) -> None:
         """Point ``vcpu`` at the program's ``symbol`` in 64-bit mode at CPL ``ring`` (0 or 3), with RDI = its
-        argument block (or ``arg``), RSI = its index, RSP = its stack; SREGS as real-kvm.md describes."""
+        argument block (or ``arg``), RSI = its index, RSP = its stack; SREGS as real-kvm.md describes.
+
+        Example: ``vm.start_vcpu(v, "touch")``; ``vm.start_vcpu(v, "halt0", ring=0)``."""
         if self.image is None:
             raise VmmError("load_program first")
         rip = self.image.entry(symbol, CODE_GPA)
@@ -361,7 +384,11 @@ class RealVm:
         """Run ``vcpus`` (default: all started ones), one thread each, until each is finished, the VM fails,
         or ``timeout`` seconds pass (the vCPUs are then kicked out of KVM_RUN with a signal).
 
-        ``io(vcpu, exit)`` handles KVM_EXIT_IO; PORT_MARK and PORT_EXCEPTION are handled here.
+        ``io(vcpu, exit)`` handles KVM_EXIT_IO; PORT_MARK and PORT_EXCEPTION are handled here. An OUT is
+        completed by KVM on the next KVM_RUN (x86.c ``complete_fast_pio_out``: RIP moves past it unless the
+        VMM changed RIP), so a handler may change registers with KVM_SET_REGS before returning.
+
+        Example: ``vm.run(lambda v, ex: Stop("done"), timeout=10).vcpus[0].status`` → 'done'.
         """
         vcpus = [v for v in (vcpus or self.vcpus) if v.entry is not None]
         outcomes = [VcpuOutcome(v.index) for v in vcpus]
@@ -370,7 +397,7 @@ class RealVm:
         threads = []
         t0 = time.perf_counter()
         try:
-            for v, out in zip(vcpus, outcomes):
+            for v, out in zip(vcpus, outcomes, strict=False):
                 v.set_immediate_exit(False)
                 th = threading.Thread(target=self._vcpu_thread, args=(v, out, io), name=f"vcpu{v.index}",
                                       daemon=True)
@@ -381,7 +408,7 @@ class RealVm:
                 th.join(max(0.0, deadline - time.monotonic()))
             if any(th.is_alive() for th in threads):
                 self._stop.set()
-                for v, out in zip(vcpus, outcomes):
+                for v, out in zip(vcpus, outcomes, strict=False):
                     if out.status == "stopped":
                         out.status = "timeout"
                         out.error = TimeoutError(f"vCPU {v.index} still running after {timeout} s")
@@ -428,7 +455,10 @@ class RealVm:
                                                            "cr2": r.rdx}
                     out.error = GuestException(r.rax, r.rbx, r.rcx, r.rdx)
                     return
-                stop = io(vcpu, ex) if io is not None else Stop("failed", error=VmmError(f"unhandled port {ex.port:#x}"))
+                if io is None:
+                    stop = Stop("failed", error=VmmError(f"unhandled port {ex.port:#x}"))
+                else:
+                    stop = io(vcpu, ex)
                 if stop is not None:
                     out.status, out.result, out.error = stop.status, stop.result, stop.error
                     return
@@ -482,7 +512,7 @@ class RealVm:
 
     def _kick_all(self, vcpus: list[RealVcpu], threads: list[threading.Thread], grace: float = 5.0) -> None:
         deadline = time.monotonic() + grace
-        for v, th in zip(vcpus, threads):
+        for v, th in zip(vcpus, threads, strict=False):
             v.set_immediate_exit(True)
             while th.is_alive() and time.monotonic() < deadline:
                 if v.thread_ident is not None and self._can_kick():
@@ -502,7 +532,9 @@ class RealVm:
             self.kvm_fd = -1
 
     def close(self) -> None:
-        """Close the vCPUs and the VM, then unmap guest memory (memslots go with the VM)."""
+        """Close the vCPUs and the VM, then unmap guest memory (memslots go with the VM).
+
+        Example: ``vm.close()`` (or leave the ``with RealVm() as vm:`` block)."""
         if self.closed:
             return
         self.closed = True

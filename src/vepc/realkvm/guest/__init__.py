@@ -41,7 +41,9 @@ class GuestImage:
     source_hash: str
 
     def entry(self, symbol: str, load_addr: int) -> int:
-        """Guest address of ``symbol`` when the image is loaded at ``load_addr``."""
+        """Guest address of ``symbol`` when the image is loaded at ``load_addr``.
+
+        Example: ``build_guest().entry("touch", 0x10000)`` → 0x10000."""
         try:
             return load_addr + self.symbols[symbol]
         except KeyError:
@@ -61,7 +63,11 @@ def binutils_available() -> tuple[bool, str]:
 
 
 def cache_dir() -> Path:
-    """``$VEPC_CACHE_DIR`` or ``<tmp>/vepc-realkvm-<uid>``."""
+    """``$VEPC_CACHE_DIR`` or ``<tmp>/vepc-realkvm-<uid>``: where built guest programs are kept.
+
+    >>> cache_dir().name.startswith("vepc-realkvm") or "VEPC_CACHE_DIR" in os.environ
+    True
+    """
     env = os.environ.get("VEPC_CACHE_DIR")
     return Path(env) if env else Path(tempfile.gettempdir()) / f"vepc-realkvm-{os.getuid()}"
 

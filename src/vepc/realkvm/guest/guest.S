@@ -181,6 +181,12 @@ load_enclave:
         out     %al, $PORT_DONE
         jmp     .
 
+/* spin: loop forever at CPL3 (exercises the VMM's bounded run: timeout, then a signal kicks KVM_RUN). */
+        .globl  spin
+spin:
+        pause
+        jmp     spin
+
 /* fault: take #UD at CPL3 (exercises the exception path). */
         .globl  fault
 fault:
