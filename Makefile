@@ -18,7 +18,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -n 2 tests
 
 bench: $(STAMP)
-	@echo "make bench: the benchmark suite arrives with the [Scale] issue; nothing to run yet."
+	$(BIN)/vepc bench
 
 fuzz: $(STAMP)
 	@echo "make fuzz: the stateful fuzzer arrives with the [Reliability] issue; nothing to run yet."

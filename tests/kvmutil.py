@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vepc.arch.constants import FeatureControl, PAGE_SIZE
+from vepc.arch.constants import FeatureControl
 from vepc.kernel.kernel import Kernel, KernelConfig
 from vepc.kernel.mm import MAP_ANONYMOUS, MAP_PRIVATE, MAP_SHARED, Process
 from vepc.kvm import Kvm, Vcpu, Vm

@@ -3,11 +3,10 @@ feat_ctl.c)."""
 
 from __future__ import annotations
 
-import errno
 
 import pytest
 
-from vepc.arch.constants import FeatureControl, Leaf, PageType, SgxReturn
+from vepc.arch.constants import FeatureControl, PageType
 from vepc.arch.structs import Secs
 from vepc.baremetal import BareMetal
 from vepc.events import EventKind

@@ -8,13 +8,12 @@ import errno
 import pytest
 
 from vepc.arch.constants import (
-    PAGE_SIZE, X86_TRAP_GP, Attribute, FeatureControl, Leaf, Msr, PageType, SgxReturn, encode_fault,
+    PAGE_SIZE, X86_TRAP_GP, Attribute, FeatureControl, Leaf, Msr, encode_fault,
 )
 from vepc.arch.structs import Secs
 from vepc.baremetal import BareMetal
 from vepc.kernel import encls as kencls
 from vepc.kernel.invariants import assert_ok
-from vepc.kernel.mm import MAP_ANONYMOUS, MAP_PRIVATE
 from vepc.kvm import KvmExit, KvmRunError
 from vepc.machine import Machine
 from vepc.silicon.faults import GeneralProtection, InvalidOpcode, PageFault

@@ -1,12 +1,16 @@
 """The single event stream: every state change of the model is one typed event.
 
-Events are stored column-wise (plain lists of ints) so that emitting one costs a few list appends;
-batch paths emit one event with a ``count``. Counters, reports, traces and pictures read this stream.
+Each event is one row (a tuple) appended to a list, so that emitting costs a single, thread-safe append;
+the columns (``log.kind``, ``log.page``, ...) are derived on demand. Batch paths emit one event per kind
+with ``count`` = pages, so ``totals()`` -- the count-weighted totals per kind, kept incrementally -- are
+the same whether the model ran a batch path or the per-page one. Counters, reports, traces and pictures
+read this stream.
 
 >>> log = EventLog()
 >>> log.emit(EventKind.EPC_ALLOC, owner=3, page=17)
->>> [e.kind.name for e in log], log.count(EventKind.EPC_ALLOC)
-(['EPC_ALLOC'], 1)
+>>> log.emit(EventKind.EPC_ALLOC, owner=3, page=18, count=4)         # a batch of four pages
+>>> [e.kind.name for e in log], log.count(EventKind.EPC_ALLOC), log.totals()["EPC_ALLOC"]
+(['EPC_ALLOC', 'EPC_ALLOC'], 5, 5)
 """
 
 from __future__ import annotations
@@ -20,7 +24,10 @@ __all__ = ["EventKind", "Event", "EventLog"]
 
 
 class EventKind(enum.IntEnum):
-    """What happened. ``page`` is an EPC page index (or -1), ``owner`` a kernel owner id (or -1)."""
+    """What happened. ``page`` is an EPC page index (or -1), ``owner`` a kernel owner id (or -1).
+
+    A batch event (``count`` > 1) stands for ``count`` per-page events of the same kind; its ``page`` is
+    the first page of the batch (or -1) and its ``arg`` what every page of the batch shared."""
 
     # silicon
     ENCLS = 1                 # arg = leaf, arg2 = result (SGX code or encoded fault)
@@ -73,65 +80,118 @@ class Event(NamedTuple):
     text: str | None
 
 
+# Row layout: (time, kind, owner, page, count, arg, arg2, text).
+_TIME, _KIND, _OWNER, _PAGE, _COUNT, _ARG, _ARG2, _TEXT = range(8)
+_KIND_NAMES = {int(k): k.name for k in EventKind}
+
+
 class EventLog:
-    """Append-only, column-wise event stream with a virtual clock (nanoseconds)."""
+    """Append-only event stream with a virtual clock (nanoseconds)."""
 
     def __init__(self) -> None:
-        self.time: list[int] = []
-        self.kind: list[int] = []
-        self.owner: list[int] = []
-        self.page: list[int] = []
-        self.count_: list[int] = []
-        self.arg: list[int] = []
-        self.arg2: list[int] = []
-        self.texts: dict[int, str] = {}
+        self.rows: list[tuple] = []
         self.now = 0
         self.enabled_kinds: set[int] | None = None
         self._lock = threading.Lock()
+        self._totals: Counter = Counter()      # count-weighted totals of rows[:_totals_upto], by kind
+        self._totals_upto = 0
 
     def emit(self, kind: EventKind, owner: int = -1, page: int = -1, count: int = 1, arg: int = 0,
              arg2: int = 0, text: str | None = None) -> None:
-        with self._lock:
-            if text is not None:
-                self.texts[len(self.kind)] = text
-            self.time.append(self.now)
-            self.kind.append(kind)
-            self.owner.append(owner)
-            self.page.append(page)
-            self.count_.append(count)
-            self.arg.append(arg)
-            self.arg2.append(arg2)
+        # One list.append of a ready tuple: atomic, so threads (the realkvm fault handler) need no lock. The
+        # kind is stored as a plain int: a row of plain values is untracked by the cyclic GC, which would
+        # otherwise rescan every event ever emitted on each full collection.
+        self.rows.append((self.now, int(kind), owner, page, count, arg, arg2, text))
 
     def advance(self, ns: int) -> None:
         """Move the virtual clock forward."""
         self.now += ns
 
     def __len__(self) -> int:
-        return len(self.kind)
+        return len(self.rows)
+
+    @staticmethod
+    def _event(i: int, r: tuple) -> Event:
+        return Event(i, r[_TIME], EventKind(r[_KIND]), r[_OWNER], r[_PAGE], r[_COUNT], r[_ARG], r[_ARG2], r[_TEXT])
 
     def __getitem__(self, i: int) -> Event:
         if i < 0:
-            i += len(self.kind)
-        return Event(i, self.time[i], EventKind(self.kind[i]), self.owner[i], self.page[i], self.count_[i],
-                     self.arg[i], self.arg2[i], self.texts.get(i))
+            i += len(self.rows)
+        return self._event(i, self.rows[i])
 
     def __iter__(self) -> Iterator[Event]:
-        for i in range(len(self.kind)):
-            yield self[i]
+        return self.since(0)
 
     def since(self, start: int) -> Iterator[Event]:
-        for i in range(start, len(self.kind)):
-            yield self[i]
+        rows = self.rows
+        for i in range(start, len(rows)):
+            yield self._event(i, rows[i])
+
+    # -- columns (derived) --------------------------------------------------------------------------
+    def _column(self, c: int) -> list:
+        return [r[c] for r in self.rows]
+
+    @property
+    def time(self) -> list[int]:
+        return self._column(_TIME)
+
+    @property
+    def kind(self) -> list[int]:
+        return self._column(_KIND)
+
+    @property
+    def owner(self) -> list[int]:
+        return self._column(_OWNER)
+
+    @property
+    def page(self) -> list[int]:
+        return self._column(_PAGE)
+
+    @property
+    def count_(self) -> list[int]:
+        return self._column(_COUNT)
+
+    @property
+    def arg(self) -> list[int]:
+        return self._column(_ARG)
+
+    @property
+    def arg2(self) -> list[int]:
+        return self._column(_ARG2)
+
+    @property
+    def texts(self) -> dict[int, str]:
+        return {i: r[_TEXT] for i, r in enumerate(self.rows) if r[_TEXT] is not None}
+
+    # -- counting ------------------------------------------------------------------------------------
+    def _running_totals(self) -> Counter:
+        """Totals of the whole log, brought up to date incrementally (O(new events))."""
+        with self._lock:
+            rows = self.rows
+            end = len(rows)
+            if self._totals_upto > end:                 # the log was cut by someone: start again
+                self._totals, self._totals_upto = Counter(), 0
+            tot = self._totals
+            for i in range(self._totals_upto, end):
+                r = rows[i]
+                tot[r[_KIND]] += r[_COUNT]
+            self._totals_upto = end
+            return tot
 
     def count(self, kind: EventKind, since: int = 0) -> int:
         """Total ``count`` of events of ``kind`` (a batch event counts for its pages)."""
-        return sum(c for k, c in zip(self.kind[since:], self.count_[since:]) if k == kind)
+        if since == 0:
+            return self._running_totals().get(int(kind), 0)
+        return sum(r[_COUNT] for r in self.rows[since:] if r[_KIND] == kind)
 
     def totals(self, since: int = 0) -> Counter:
+        """Count-weighted totals per kind name: equal for a batch path and its per-page path."""
+        if since == 0:
+            return Counter({_KIND_NAMES[int(k)]: c for k, c in self._running_totals().items() if c})
         out: Counter = Counter()
-        for k, c in zip(self.kind[since:], self.count_[since:]):
-            out[EventKind(k).name] += c
+        for r in self.rows[since:]:
+            out[_KIND_NAMES[int(r[_KIND])]] += r[_COUNT]
         return out
 
     def warnings(self) -> list[str]:
-        return [self.texts[i] for i, k in enumerate(self.kind) if k == EventKind.WARN and i in self.texts]
+        return [r[_TEXT] for r in self.rows if r[_KIND] == EventKind.WARN and r[_TEXT] is not None]

@@ -16,9 +16,15 @@ from __future__ import annotations
 
 from typing import Protocol
 
+import numpy as np
+
+from vepc.arch.constants import PAGE_SIZE
 from vepc.silicon.processor import Processor
 
-__all__ = ["KernelCpu", "HostCpu"]
+__all__ = ["KernelCpu", "HostCpu", "eremove_batch", "EMPTY_RESULTS"]
+
+#: No results: the batch did not run (the caller goes page by page).
+EMPTY_RESULTS = np.zeros(0, dtype=np.int64)
 
 
 class KernelCpu(Protocol):
@@ -44,6 +50,13 @@ class KernelCpu(Protocol):
     def read_phys(self, addr: int, size: int) -> bytes: ...
 
     def write_phys(self, addr: int, data: bytes) -> None: ...
+
+    # Optional:
+    # def eremove_batch(self, addrs: np.ndarray, stop_unless: tuple[int, ...] | None = None) -> np.ndarray:
+    #     EREMOVE at each address in order, as one ENCLS per page would; returns the results of a prefix
+    #     (possibly empty): it stops before an address it cannot run as a plain leaf (misaligned, not EPC,
+    #     an operand that needs the per-page path) and, with ``stop_unless``, right after the first result
+    #     not in it. The caller runs the next address through ``encls`` and carries on.
 
     def kick_enclave_threads(self, secs_phys: int) -> int:
         """The IPI of ``on_each_cpu_mask(sgx_encl_cpumask(encl), sgx_ipi_cb, ...)``: every logical
@@ -92,3 +105,22 @@ class HostCpu:
                 lp.aex()
                 kicked += 1
         return kicked
+
+    def eremove_batch(self, addrs: np.ndarray, stop_unless: tuple[int, ...] | None = None) -> np.ndarray:
+        """EREMOVE at host-physical ``addrs`` in order (see :class:`KernelCpu`); a prefix of the results."""
+        addrs = np.asarray(addrs, dtype=np.int64)
+        idx = self.processor.epc_indices(addrs)
+        if len(idx) and (idx.min() < 0 or (addrs & (PAGE_SIZE - 1)).any()):
+            bad = np.flatnonzero((idx < 0) | (addrs & (PAGE_SIZE - 1) != 0))
+            idx = idx[:bad[0]]                # #GP / #PF from there on: the per-page path reports it
+        rets = self.processor.eremove_batch(self.lp, idx, stop_unless)
+        return EMPTY_RESULTS if rets is None else rets
+
+
+def eremove_batch(cpu, addrs: np.ndarray, stop_unless: tuple[int, ...] | None = None) -> np.ndarray:
+    """The kernel's batched ``__eremove``: ``cpu.eremove_batch`` when the CPU has it, else no results
+    (the caller then EREMOVEs page by page). Returns the results of a prefix of ``addrs``."""
+    fn = getattr(cpu, "eremove_batch", None)
+    if fn is None or not len(addrs):
+        return EMPTY_RESULTS
+    return fn(addrs, stop_unless)

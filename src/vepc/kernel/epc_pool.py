@@ -5,6 +5,10 @@ Per-page state is kept in arrays (``owner`` uint32 and ``flags`` uint8, one row 
 node's free list is a FIFO ring of page numbers (allocation takes the head, free appends at the tail, as
 ``list_first_entry``/``list_add_tail`` do), so batch operations are slices.
 
+Batch paths (``alloc_batch``, ``free_batch``) do exactly what a loop of ``alloc``/``free`` calls would do,
+in the same order, and emit one event per kind with ``count`` = pages. ``BATCH`` (or ``kernel.batch``)
+switches the callers between the batch paths and the per-page ones; both stay available.
+
 Allocation (reference §2.3, ``sgx_alloc_epc_page``)::
 
     for (;;):
@@ -21,6 +25,7 @@ Allocation (reference §2.3, ``sgx_alloc_epc_page``)::
 
 from __future__ import annotations
 
+import bisect
 import errno
 import threading
 from collections import OrderedDict
@@ -31,10 +36,28 @@ import numpy as np
 from vepc.arch.constants import PAGE_SHIFT, SGX_NR_LOW_PAGES
 from vepc.events import EventKind, EventLog
 from vepc.kernel.owners import OwnerKind, OwnerRegistry
+from vepc.kernel.pte import as_run
 from vepc.types import PhysAddr
 
 __all__ = ["EpcPool", "KSection", "NumaNode", "PAGE_RECLAIMER_TRACKED", "PAGE_IS_FREE", "PAGE_POISON",
-           "PAGE_DIRTY", "KERNEL_BYTES_PER_PAGE", "ERESTARTSYS"]
+           "PAGE_DIRTY", "KERNEL_BYTES_PER_PAGE", "ERESTARTSYS", "BATCH", "BATCH_MIN_PAGES", "batch_enabled"]
+
+#: Default for every kernel: use the batch paths (populate, remove, sanitize, bulk free). A kernel's own
+#: ``batch`` attribute, when set, overrides it; ``False`` runs the per-page paths (the reference the batch
+#: paths are tested against).
+BATCH = True
+#: Operations on fewer pages than this stay per page: one event per page, as small scenarios and their
+#: traces expect, and no slower. The batch tests set it to 0.
+BATCH_MIN_PAGES = 32
+
+
+def batch_enabled(kernel, pages: int | None = None) -> bool:
+    """Whether ``kernel`` takes the batch paths (``kernel.batch`` if set, else the module's ``BATCH``)
+    for an operation on ``pages`` pages."""
+    v = getattr(kernel, "batch", None)
+    if not (BATCH if v is None else v):
+        return False
+    return pages is None or pages >= BATCH_MIN_PAGES
 
 # sgx.h page flags (§2.1); POISON is ``sgx_epc_page.poison``; DIRTY marks sgx_dirty_page_list membership.
 PAGE_RECLAIMER_TRACKED = 1 << 0
@@ -90,6 +113,29 @@ class NumaNode:
         self.head += 1
         return page
 
+    def take(self, k: int) -> np.ndarray:
+        """Pop ``k`` pages from the head (the caller checked there are that many): a slice or two."""
+        cap = self.capacity
+        h = self.head % cap
+        if h + k <= cap:
+            out = self.ring[h:h + k].astype(np.int64)
+        else:
+            out = np.concatenate((self.ring[h:], self.ring[:h + k - cap])).astype(np.int64)
+        self.head += k
+        return out
+
+    def push_many(self, pages: np.ndarray) -> None:
+        """Append ``pages`` at the tail, in order: a slice or two."""
+        k = len(pages)
+        cap = self.capacity
+        t = self.tail % cap
+        if t + k <= cap:
+            self.ring[t:t + k] = pages
+        else:
+            self.ring[t:] = pages[:cap - t]
+            self.ring[:k - (cap - t)] = pages[cap - t:]
+        self.tail += k
+
     def free_pages(self) -> np.ndarray:
         """The free list in order (head first)."""
         idx = np.arange(self.head, self.tail) % max(self.capacity, 1)
@@ -114,12 +160,13 @@ class EpcPool:
         for node in self.nodes.values():
             node.ring = np.zeros(node.capacity, dtype=np.uint32)
         self.numa_mask = sorted(self.nodes)
-        self._section_of = np.zeros(self.nr_pages, dtype=np.uint8) if len(sections) > 1 else None
-        if self._section_of is not None:
-            for s in sections:
-                self._section_of[s.first:s.first + s.nr_pages] = s.id
+        # Section lookup by binary search over the sections' first page numbers (no per-page array).
         self._starts = [s.first for s in sections]
-        self.dirty: list[int] = []
+        self._starts_np = np.array(self._starts, dtype=np.int64)
+        self._phys_np = np.array([s.phys_addr for s in sections], dtype=np.int64)
+        self._node_np = np.array([s.node for s in sections], dtype=np.int64)
+        #: sgx_dirty_page_list in order: a list, a ``range`` (all pages at boot) or an array of page numbers.
+        self.dirty: list[int] | range | np.ndarray = []
         #: sgx_active_page_list: pages the reclaimer may take, in list order.
         self.active: OrderedDict[int, None] = OrderedDict()
         self.reclaimer_lock = threading.RLock()
@@ -131,13 +178,16 @@ class EpcPool:
 
     # -- addresses ------------------------------------------------------------------------------
     def section_of(self, page: int) -> KSection:
-        if self._section_of is None:
+        if len(self.sections) == 1:
             return self.sections[0]
-        return self.sections[int(self._section_of[page])]
+        return self.sections[bisect.bisect_right(self._starts, page) - 1]
+
+    def _section_ids(self, pages: np.ndarray) -> np.ndarray:
+        return np.searchsorted(self._starts_np, pages, side="right") - 1
 
     def phys_addr(self, page: int) -> PhysAddr:
         """``sgx_get_epc_phys_addr``."""
-        s = self.section_of(page)
+        s = self.sections[0] if len(self.sections) == 1 else self.section_of(page)
         return PhysAddr(s.phys_addr + ((page - s.first) << PAGE_SHIFT))
 
     def page_of_phys(self, phys: int) -> int:
@@ -150,6 +200,34 @@ class EpcPool:
     def node_of(self, page: int) -> int:
         return self.section_of(page).node
 
+    def phys_addr_batch(self, pages: np.ndarray) -> np.ndarray:
+        """``sgx_get_epc_phys_addr`` of every page (int64)."""
+        pages = np.asarray(pages, dtype=np.int64)
+        if len(self.sections) == 1:
+            s = self.sections[0]
+            return (pages - s.first << PAGE_SHIFT) + s.phys_addr
+        sid = self._section_ids(pages)
+        return (pages - self._starts_np[sid] << PAGE_SHIFT) + self._phys_np[sid]
+
+    def pfn_batch(self, pages: np.ndarray) -> np.ndarray:
+        """Page frame numbers of ``pages`` (``phys_addr_batch >> PAGE_SHIFT``)."""
+        pages = np.asarray(pages, dtype=np.int64)
+        if len(self.sections) == 1:
+            s = self.sections[0]
+            return pages + ((s.phys_addr >> PAGE_SHIFT) - s.first)
+        return self.phys_addr_batch(pages) >> PAGE_SHIFT
+
+    def node_of_batch(self, pages: np.ndarray) -> np.ndarray:
+        if len(self.sections) == 1:
+            return np.full(len(pages), self.sections[0].node, dtype=np.int64)
+        return self._node_np[self._section_ids(pages)]
+
+    def mark_all_dirty(self) -> None:
+        """Boot: every page starts on sgx_dirty_page_list (``sgx_setup_epc_section`` adds each page there),
+        in page order; kept as a ``range`` so that a terabyte of EPC costs no list."""
+        self.flags[:] = PAGE_DIRTY
+        self.dirty = range(self.nr_pages)
+
     # -- allocation ----------------------------------------------------------------------------
     def _next_node_in(self, nid: int) -> int:
         for n in self.numa_mask:
@@ -160,9 +238,11 @@ class EpcPool:
     def _alloc_from_node(self, nid: int) -> int:
         node = self.nodes[nid]
         with node.lock:
-            if node.head == node.tail:
+            h = node.head
+            if h == node.tail:
                 return -1
-            page = node.pop()
+            page = int(node.ring[h % node.capacity])       # list_first_entry + list_del_init
+            node.head = h + 1
             self.flags[page] = 0
             self.nr_free -= 1
             return page
@@ -187,7 +267,10 @@ class EpcPool:
         """``sgx_alloc_epc_page(owner, reclaim)``: a page number, or -ENOMEM / -EBUSY / -ERESTARTSYS."""
         oid = getattr(owner, "owner_id", 0) if owner is not None else 0
         while True:
-            page = self._alloc_any(node)
+            # The local node first (the common case, without the round-robin walk), then all of them.
+            page = self._alloc_from_node(node) if node in self.nodes else -1
+            if page < 0:
+                page = self._alloc_any(node)
             if page >= 0:
                 self.owner[page] = oid
                 self.events.emit(EventKind.EPC_ALLOC, owner=oid, page=page)
@@ -204,9 +287,107 @@ class EpcPool:
                 self.events.emit(EventKind.EPC_ALLOC_FAIL, owner=oid, arg=page)
                 break
             self.reclaim_pages()
-        if self.should_reclaim(SGX_NR_LOW_PAGES):
+        if self.nr_free < SGX_NR_LOW_PAGES and self.active:           # sgx_should_reclaim(SGX_NR_LOW_PAGES)
             self.wake_ksgxd()
         return page
+
+    def alloc_batch(self, owner: object | None, n: int, node: int = 0) -> np.ndarray:
+        """Up to ``n`` pages for ``owner``, exactly those ``n`` successful ``alloc(owner, ...)`` calls would
+        return, in the same order (``__sgx_alloc_epc_page``: drain the local node's FIFO, then the next
+        nodes in round robin). Fewer when the free lists run dry: then nothing failed yet -- the caller
+        makes the next allocation through :meth:`alloc`, which reports -ENOMEM/-EBUSY as usual."""
+        oid = getattr(owner, "owner_id", 0) if owner is not None else 0
+        parts: list[np.ndarray] = []
+        left = n
+        if left > 0 and self.nr_free:
+            nid_start = node if node in self.nodes else self._next_node_in(node)
+            nid = nid_start
+            while True:
+                nd = self.nodes[nid]
+                with nd.lock:
+                    k = min(left, nd.nr_free)
+                    if k:
+                        parts.append(nd.take(k))
+                        left -= k
+                if not left:
+                    break
+                nid = self._next_node_in(nid)
+                if nid == nid_start:
+                    break
+        if not parts:
+            return np.zeros(0, dtype=np.int64)
+        pages = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        run = as_run(pages)
+        rows = slice(*run) if run is not None else pages
+        self.flags[rows] = 0
+        self.owner[rows] = oid
+        self.nr_free -= len(pages)
+        self.events.emit(EventKind.EPC_ALLOC, owner=oid, page=int(pages[0]), count=len(pages))
+        # alloc() checks the watermark after every allocation; free pages only went down and the active
+        # list did not change, so the condition held after some allocation iff it holds after the last.
+        if self.should_reclaim(SGX_NR_LOW_PAGES):
+            self.wake_ksgxd()
+        return pages
+
+    def free_batch(self, pages: "np.ndarray | range") -> None:
+        """``sgx_free_epc_page`` of every page, in order: what a loop of :meth:`free` does (poisoned pages
+        to their node's poison list, the others appended to their node's free list), with one event per
+        kind. A ``range`` is the fast case (boot: the pages of a section in order)."""
+        n = len(pages)
+        if not n:
+            return
+        run = as_run(pages)
+        if run is not None:
+            sl = slice(*run)
+            arr = np.arange(run[0], run[1], dtype=np.int64)
+        else:
+            arr = np.asarray(pages, dtype=np.int64)
+            sl = arr
+        owners = self.owner[sl]
+        # owner[page] = 0; skip the store where it is 0 already, so that untouched rows stay unallocated.
+        owned = int(np.count_nonzero(owners))
+        if owned == n:
+            oid = int(owners[0])
+            if (owners != oid).any():
+                oid = -1                               # several owners: the event names none
+            self.owner[sl] = 0
+        elif owned:
+            nz = np.flatnonzero(owners)
+            oid = int(owners[nz[0]])
+            if ((owners != oid) & (owners != 0)).any():
+                oid = -1
+            self.owner[arr[nz]] = 0
+        else:
+            oid = 0
+        poisoned = (self.flags[sl] & PAGE_POISON) != 0
+        if poisoned.any():
+            pp = arr[poisoned]
+            for nid, page in zip(self.node_of_batch(pp).tolist(), pp.tolist()):
+                self.nodes[nid].poison.append(page)
+            self.flags[pp] = PAGE_POISON | PAGE_IS_FREE
+            self.events.emit(EventKind.EPC_POISON, owner=oid, page=int(pp[0]), count=len(pp))
+            arr = arr[~poisoned]
+            sl = arr
+            if not len(arr):
+                return
+        one_node = None
+        if len(self.nodes) == 1:
+            one_node = next(iter(self.nodes.values()))
+        elif isinstance(sl, slice) and self.section_of(sl.start) is self.section_of(sl.stop - 1):
+            one_node = self.nodes[self.section_of(sl.start).node]
+        if one_node is not None:
+            with one_node.lock:
+                one_node.push_many(arr)
+        else:
+            nids = self.node_of_batch(arr)
+            for nid, nd in self.nodes.items():
+                sel = arr[nids == nid]
+                if len(sel):
+                    with nd.lock:
+                        nd.push_many(sel)
+        self.flags[sl] = PAGE_IS_FREE
+        self.nr_free += len(arr)
+        self.events.emit(EventKind.EPC_FREE, owner=oid, page=int(arr[0]), count=len(arr))
 
     def free(self, page: int) -> None:
         """``sgx_free_epc_page``: the caller made the page uninitialised; no EREMOVE here (RFC v2 03/26).

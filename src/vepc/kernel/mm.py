@@ -5,6 +5,10 @@ Real semantics where SGX depends on them: a file's ``release`` runs when its las
 dispatched to the VMA's ``fault`` handler, ``VM_FAULT_RETRY`` retries (the kernel's kthreads get to run
 first) and ``VM_FAULT_SIGBUS`` delivers SIGBUS, whose default action kills the process.
 
+Batch paths: a VMA whose ``vm_ops`` has ``fault_range`` (the vepc driver) lets ``touch`` and
+``fixup_user_fault_range`` map many missing pages in one call; the first page it does not map goes
+through the ordinary per-page fault, so signals, retries and errors are exactly the per-page ones.
+
 >>> # see tests/test_kernel_mm.py; processes are made by Kernel.spawn()
 """
 
@@ -14,11 +18,14 @@ import bisect
 import errno
 import os
 import signal
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
+
+import numpy as np
 
 from vepc.arch.constants import PAGE_SHIFT, PAGE_SIZE
 from vepc.events import EventKind
+from vepc.kernel.epc_pool import batch_enabled
 from vepc.kernel.pte import PteTable
 
 if TYPE_CHECKING:
@@ -105,7 +112,11 @@ class File:
 
 
 class VmOps:
-    """``struct vm_operations_struct``."""
+    """``struct vm_operations_struct``.
+
+    A driver may add ``fault_range(vma, vpns, flags) -> int``: fault the pages ``vpns`` (ascending, none
+    mapped) in order as long as each would simply succeed, and return how many leading pages it mapped.
+    """
 
     def fault(self, vmf: "VmFault") -> int:
         return VM_FAULT_SIGBUS
@@ -137,7 +148,7 @@ class Vma:
         return self.end - self.start
 
 
-@dataclass
+@dataclass(slots=True)
 class VmFault:
     """``struct vm_fault``."""
 
@@ -272,8 +283,9 @@ class Process:
                 self._insert_vma(part)
                 if part.file is not None:
                     part.file.get()
-            pfns = vma.ptes.clear_range(addr >> PAGE_SHIFT, end >> PAGE_SHIFT)
-            if vma.file is None and not vma.flags & VM_SHARED:
+            anon = vma.file is None and not vma.flags & VM_SHARED
+            pfns = vma.ptes.clear_range(addr >> PAGE_SHIFT, end >> PAGE_SHIFT, want_pfns=anon)
+            if anon:
                 for pfn in pfns.tolist():
                     self.kernel.ram.free(pfn)
             for notify in list(self.mmu_notifiers):
@@ -331,6 +343,33 @@ class Process:
             return ret
         raise KernelError(f"fault at {addr:#x} retried {MAX_FAULT_RETRIES} times without progress")
 
+    def _fault_missing(self, vma: Vma, vpn: int, n: int, flags: int) -> int:
+        """Batch-fault the pages of ``[vpn, vpn + n)`` of ``vma`` that have no PTE, in order, through the
+        VMA's ``fault_range``. Returns how many leading pages of the range are now mapped."""
+        present = vma.ptes.count_range(vpn, n)
+        if present == n:
+            return n
+        missing = range(vpn, vpn + n) if not present else vma.ptes.missing_in(vpn, n)
+        done = vma.vm_ops.fault_range(vma, missing, flags)
+        return n if done == len(missing) else int(missing[done]) - vpn
+
+    def _batch_vma(self, vma: Vma | None, write: bool, pages: int) -> bool:
+        return (vma is not None and vma.vm_ops is not None and hasattr(vma.vm_ops, "fault_range")
+                and (not write or bool(vma.flags & VM_WRITE)) and batch_enabled(self.kernel, pages))
+
+    def fixup_user_fault_range(self, addr: int, n: int, write: bool = True) -> np.ndarray:
+        """``fixup_user_fault`` of the ``n`` pages from ``addr`` for KVM, as far as they resolve without
+        the per-page path: the frames of a prefix (possibly empty). The caller resolves the next page with
+        :meth:`fixup_user_fault`, which reports its error (-EFAULT) or retries as usual."""
+        vma = self.find_vma(addr)
+        if vma is not None:
+            n = min(n, (vma.end - addr) >> PAGE_SHIFT)
+        if not self._batch_vma(vma, write, n):
+            return np.zeros(0, dtype=np.int64)
+        vpn = addr >> PAGE_SHIFT
+        k = self._fault_missing(vma, vpn, n, (FAULT_FLAG_WRITE if write else 0) | FAULT_FLAG_ALLOW_RETRY)
+        return vma.ptes.get_range(vpn, k)
+
     def fixup_user_fault(self, addr: int, write: bool = True) -> int:
         """mm/gup.c ``fixup_user_fault`` as KVM's ``hva_to_pfn_remapped`` uses it: resolve a fault in this
         mm on behalf of the kernel; VM_FAULT_RETRY retries, an error is -EFAULT and no signal is sent.
@@ -339,8 +378,9 @@ class Process:
         if vma is None or (write and not vma.flags & VM_WRITE):
             return -errno.EFAULT
         vpn = addr >> PAGE_SHIFT
-        if vpn in vma.ptes:
-            return vma.ptes[vpn]
+        pfn = vma.ptes.get(vpn)
+        if pfn is not None:
+            return pfn
         if vma.vm_ops is None:
             vma.ptes[vpn] = self.kernel.ram.alloc()
             return vma.ptes[vpn]
@@ -358,10 +398,21 @@ class Process:
         raise KernelError(f"fixup_user_fault at {addr:#x} retried {MAX_FAULT_RETRIES} times without progress")
 
     def touch(self, addr: int, length: int = 1, write: bool = True) -> bool:
-        """Touch one byte per page over ``[addr, addr+length)``; False at the first page that faulted fatally."""
+        """Touch one byte per page over ``[addr, addr+length)``; False at the first page that faulted fatally.
+
+        With the batch paths, the missing pages of a VMA with ``fault_range`` (the vepc driver: QEMU's
+        prealloc) are faulted in bulk; the first page the bulk fault does not map is faulted alone."""
         page = addr & ~(PAGE_SIZE - 1)
-        while page < addr + length:
+        end = addr + length
+        while page < end:
             vma = self.find_vma(page)
+            n = (min(end + PAGE_SIZE - 1, vma.end) - page) >> PAGE_SHIFT if vma is not None else 0
+            if n > 1 and self.alive and self._batch_vma(vma, write, n):
+                flags = FAULT_FLAG_USER | (FAULT_FLAG_WRITE if write else 0) | FAULT_FLAG_ALLOW_RETRY
+                done = self._fault_missing(vma, page >> PAGE_SHIFT, n, flags)
+                page += done << PAGE_SHIFT
+                if done == n:
+                    continue
             if vma is None or (page >> PAGE_SHIFT) not in vma.ptes:
                 if self.fault(page, write) & VM_FAULT_SIGBUS or not self.alive:
                     return False

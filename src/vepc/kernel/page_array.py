@@ -1,11 +1,14 @@
 """An xarray of EPC page numbers indexed by page offset, kept as a growable uint32 array.
 
-Iteration is in ascending index order, as ``xa_for_each`` iterates. 4 bytes per index; empty slots hold
-``EMPTY``.
+Iteration is in ascending index order, as ``xa_for_each`` iterates. 4 bytes per index; a slot holds the
+page number + 1 and 0 when empty, so the array is ``np.zeros`` and indices never stored cost no memory.
+The ``*_many`` methods are the batch forms (one call for many indices).
 
 >>> pa = PageArray()
 >>> pa.store(5, 42); pa.load(5), pa.load(4), list(pa.items())
 (42, None, [(5, 42)])
+>>> pa.store_many(np.array([6, 7]), np.array([0, 9])); pa.load_many(np.array([4, 6, 7, 1 << 40])).tolist()
+[-1, 0, 9, -1]
 """
 
 from __future__ import annotations
@@ -14,59 +17,129 @@ from typing import Iterator
 
 import numpy as np
 
+from vepc.kernel.pte import as_run
+
 __all__ = ["PageArray", "EMPTY"]
 
-EMPTY = np.uint32(0xFFFFFFFF)
+#: The value of an empty slot in the array.
+EMPTY = np.uint32(0)
 
 
 class PageArray:
     __slots__ = ("_a", "_n")
 
     def __init__(self) -> None:
-        self._a = np.full(0, EMPTY, dtype=np.uint32)
+        self._a = np.zeros(0, dtype=np.uint32)
         self._n = 0
 
     def _grow(self, index: int) -> None:
         size = max(64, len(self._a))
         while size <= index:
             size *= 2
-        new = np.full(size, EMPTY, dtype=np.uint32)
+        new = np.zeros(size, dtype=np.uint32)
         new[:len(self._a)] = self._a
         self._a = new
 
     def load(self, index: int) -> int | None:
         if index < len(self._a):
-            v = self._a[index]
-            if v != EMPTY:
-                return int(v)
+            v = int(self._a[index])
+            if v:
+                return v - 1
         return None
 
     def store(self, index: int, page: int) -> None:
         if index >= len(self._a):
             self._grow(index)
-        if self._a[index] == EMPTY:
+        if not self._a[index]:
             self._n += 1
-        self._a[index] = page
+        self._a[index] = page + 1
 
     def erase(self, index: int) -> None:
-        if index < len(self._a) and self._a[index] != EMPTY:
-            self._a[index] = EMPTY
+        if index < len(self._a) and self._a[index]:
+            self._a[index] = 0
             self._n -= 1
 
+    # -- batch forms (``indices`` an array, or a ``range`` for a run: then slices are used) ---------------
+    def load_many(self, indices) -> np.ndarray:
+        """The page at each index (int64), -1 where empty."""
+        run = as_run(indices)
+        if run is not None:
+            lo, hi = run
+            out = np.full(hi - lo, -1, dtype=np.int64)
+            top = min(hi, len(self._a))
+            if top > lo:
+                out[:top - lo] = self._a[lo:top].astype(np.int64) - 1
+            return out
+        idx = np.asarray(indices, dtype=np.int64)
+        out = np.full(len(idx), -1, dtype=np.int64)
+        inside = idx < len(self._a)
+        if inside.all():
+            return self._a[idx].astype(np.int64) - 1
+        out[inside] = self._a[idx[inside]].astype(np.int64) - 1
+        return out
+
+    def store_many(self, indices, pages: np.ndarray) -> None:
+        """``store`` of each (index, page) pair, in order."""
+        n = len(indices)
+        if not n:
+            return
+        run = as_run(indices)
+        top = run[1] - 1 if run is not None else int(np.max(indices))
+        if top >= len(self._a):
+            self._grow(top)
+        if run is not None:
+            seg = self._a[run[0]:run[1]]
+            self._n += n - int(np.count_nonzero(seg))
+            np.add(pages, 1, out=seg, casting="unsafe")
+            return
+        idx = np.asarray(indices, dtype=np.int64)
+        self._n += int(np.count_nonzero(self._a[idx] == 0))
+        self._a[idx] = np.asarray(pages, dtype=np.int64) + 1
+
+    def erase_many(self, indices) -> None:
+        run = as_run(indices)
+        if run is not None:
+            seg = self._a[run[0]:min(run[1], len(self._a))]
+            self._n -= int(np.count_nonzero(seg))
+            seg[:] = 0
+            return
+        idx = np.asarray(indices, dtype=np.int64)
+        idx = idx[idx < len(self._a)]
+        if len(idx):
+            self._n -= int(np.count_nonzero(self._a[idx]))
+            self._a[idx] = 0
+
+    # -- iteration -------------------------------------------------------------------------------
     def indices(self) -> np.ndarray:
-        return np.flatnonzero(self._a != EMPTY)
+        return np.flatnonzero(self._a)
+
+    def entries(self) -> tuple["np.ndarray | range", np.ndarray]:
+        """``(indices, pages)`` of the present entries in index order; ``indices`` is a ``range`` when
+        they are a run (a fully populated instance), so callers can use slices."""
+        a = self._a
+        n = self._n
+        if n:
+            nz = a != 0
+            lo = int(np.argmax(nz))
+            hi = len(a) - int(np.argmax(nz[::-1]))
+            if hi - lo == n:
+                return range(lo, hi), a[lo:hi].astype(np.int64) - 1
+        idx = np.flatnonzero(a)
+        return idx, a[idx].astype(np.int64) - 1
 
     def pages(self) -> np.ndarray:
-        return self._a[self._a != EMPTY]
+        """The pages in index order (int64)."""
+        a = self._a
+        return a[a != 0].astype(np.int64) - 1
 
     def items(self) -> Iterator[tuple[int, int]]:
         """``xa_for_each``: present entries in ascending index order (a snapshot)."""
         idx = self.indices()
-        for i, p in zip(idx.tolist(), self._a[idx].tolist()):
+        for i, p in zip(idx.tolist(), (self._a[idx].astype(np.int64) - 1).tolist()):
             yield i, p
 
     def destroy(self) -> None:
-        self._a = np.full(0, EMPTY, dtype=np.uint32)
+        self._a = np.zeros(0, dtype=np.uint32)
         self._n = 0
 
     def __len__(self) -> int:

@@ -5,6 +5,8 @@ no memory).
 >>> t = PteTable(base_vpn=0x10, nr_pages=4)
 >>> t[0x11] = 0x500; 0x11 in t, t.get(0x12), t.present_vpns().tolist()
 (True, None, [17])
+>>> t.set_many(np.array([0x12, 0x13]), np.array([7, 8])); t.get_many(np.array([0x10, 0x12, 0x13])).tolist()
+[-1, 7, 8]
 """
 
 from __future__ import annotations
@@ -13,7 +15,28 @@ from typing import Iterator
 
 import numpy as np
 
-__all__ = ["PteTable"]
+__all__ = ["PteTable", "as_run"]
+
+
+def as_run(idx) -> tuple[int, int] | None:
+    """``(start, stop)`` when ``idx`` is ``start, start + 1, ..., stop - 1`` (a ``range`` of step 1 or an
+    ascending run of integers), else None. Batch paths use slices for runs: a slice costs a fraction of
+    a gather/scatter through an index array.
+
+    >>> as_run(range(3, 7)), as_run(np.array([3, 4, 5])), as_run(np.array([3, 5, 4])), as_run(np.array([3, 5]))
+    ((3, 7), (3, 6), None, None)
+    """
+    if isinstance(idx, range):
+        return (idx.start, idx.stop) if idx.step == 1 and len(idx) else None
+    n = len(idx)
+    if not n:
+        return None
+    first = int(idx[0])
+    if int(idx[-1]) - first != n - 1:
+        return None
+    if n > 2 and not (np.diff(idx) == 1).all():
+        return None
+    return first, first + n
 
 
 class PteTable:
@@ -32,13 +55,15 @@ class PteTable:
 
     def __contains__(self, vpn: int) -> bool:
         i = vpn - self.base
-        return self._a is not None and 0 <= i < self.n and self._a[i] != 0
+        a = self._a
+        return a is not None and 0 <= i < self.n and bool(a[i])
 
     def get(self, vpn: int, default=None):
         i = vpn - self.base
-        if self._a is None or not 0 <= i < self.n:
+        a = self._a
+        if a is None or not 0 <= i < self.n:
             return default
-        v = int(self._a[i])
+        v = int(a[i])
         return v - 1 if v else default
 
     def __getitem__(self, vpn: int) -> int:
@@ -48,7 +73,9 @@ class PteTable:
         return v
 
     def __setitem__(self, vpn: int, pfn: int) -> None:
-        a = self._arr()
+        a = self._a
+        if a is None:
+            a = self._arr()
         i = vpn - self.base
         if not a[i]:
             self._count += 1
@@ -60,13 +87,61 @@ class PteTable:
         self._count -= 1
         return v
 
+    def get_many(self, vpns) -> np.ndarray:
+        """The frame each of ``vpns`` (an array or a ``range``) maps (int64), -1 where not present or
+        outside the table."""
+        run = as_run(vpns)
+        if run is not None and self.base <= run[0] and run[1] <= self.base + self.n:
+            return self.get_range(run[0], run[1] - run[0])
+        i = np.asarray(vpns, dtype=np.int64) - self.base
+        if self._a is None:
+            return np.full(len(i), -1, dtype=np.int64)
+        inside = (i >= 0) & (i < self.n)
+        if inside.all():
+            return self._a[i].astype(np.int64) - 1
+        out = np.full(len(i), -1, dtype=np.int64)
+        out[inside] = self._a[i[inside]].astype(np.int64) - 1
+        return out
+
+    def get_range(self, vpn: int, n: int) -> np.ndarray:
+        """``get_many`` of the ``n`` consecutive pages from ``vpn`` (inside the table)."""
+        if self._a is None:
+            return np.full(n, -1, dtype=np.int64)
+        i = vpn - self.base
+        return self._a[i:i + n].astype(np.int64) - 1
+
+    def count_range(self, vpn: int, n: int) -> int:
+        """Present PTEs among the ``n`` pages from ``vpn``."""
+        if self._a is None:
+            return 0
+        i = max(0, vpn - self.base)
+        return int(np.count_nonzero(self._a[i:vpn - self.base + n]))
+
+    def missing_in(self, vpn: int, n: int) -> np.ndarray:
+        """The pages among the ``n`` from ``vpn`` without a PTE (ascending)."""
+        if self._a is None:
+            return np.arange(vpn, vpn + n, dtype=np.int64)
+        i = vpn - self.base
+        return np.flatnonzero(self._a[i:i + n] == 0) + vpn
+
+    def set_many(self, vpns, pfns: np.ndarray) -> None:
+        """Install PTEs ``vpns[i] -> pfns[i]`` (batch path; ``vpns`` an array or a ``range``)."""
+        run = as_run(vpns)
+        if run is not None:
+            self.set_range(run[0], np.asarray(pfns))
+            return
+        a = self._arr()
+        i = np.asarray(vpns, dtype=np.int64) - self.base
+        self._count += int(np.count_nonzero(a[i] == 0))
+        a[i] = np.asarray(pfns, dtype=np.int64).astype(np.uint64) + 1
+
     def set_range(self, vpn: int, pfns: np.ndarray) -> None:
         """Install PTEs for consecutive pages starting at ``vpn`` (batch path)."""
         a = self._arr()
         i = vpn - self.base
         seg = a[i:i + len(pfns)]
-        self._count += int(np.count_nonzero(seg == 0))
-        seg[:] = pfns.astype(np.uint64) + 1
+        self._count += len(pfns) - int(np.count_nonzero(seg))
+        np.add(pfns, 1, out=seg, casting="unsafe")
 
     def present_vpns(self, lo: int | None = None, hi: int | None = None) -> np.ndarray:
         if self._a is None:
@@ -78,17 +153,30 @@ class PteTable:
         return np.flatnonzero(self._a[i0:i1]) + (self.base + i0)
 
     def pfns_of(self, vpns: np.ndarray) -> np.ndarray:
+        if self._a is None:
+            return np.full(len(vpns), -1, dtype=np.int64)
         return self._a[vpns - self.base].astype(np.int64) - 1
 
-    def clear_range(self, lo: int, hi: int) -> np.ndarray:
-        """Drop PTEs in [lo, hi); returns the frames that were mapped there."""
-        vpns = self.present_vpns(lo, hi)
-        if len(vpns):
-            pfns = self.pfns_of(vpns)
-            self._a[vpns - self.base] = 0
-            self._count -= len(vpns)
-            return pfns
-        return np.zeros(0, dtype=np.int64)
+    def clear_range(self, lo: int, hi: int, want_pfns: bool = True) -> np.ndarray:
+        """Drop PTEs in [lo, hi); returns the frames that were mapped there (in page order), or nothing
+        when ``want_pfns`` is false."""
+        if self._a is None:
+            return np.zeros(0, dtype=np.int64)
+        i0, i1 = max(0, lo - self.base), min(self.n, hi - self.base)
+        if i1 <= i0:
+            return np.zeros(0, dtype=np.int64)
+        seg = self._a[i0:i1]
+        if want_pfns:
+            vals = seg[seg != 0]
+            pfns = vals.astype(np.int64) - 1
+            cleared = len(vals)
+        else:
+            pfns = np.zeros(0, dtype=np.int64)
+            cleared = int(np.count_nonzero(seg))
+        if cleared:
+            seg[:] = 0
+            self._count -= cleared
+        return pfns
 
     def items(self) -> Iterator[tuple[int, int]]:
         vpns = self.present_vpns()

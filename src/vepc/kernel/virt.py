@@ -7,6 +7,13 @@ that still fail on the global ``zombie_secs_pages`` list. Pages are never reclai
 
 Citations in comments name the function of upstream virt.c they model (reference/linux-sgx.md §1).
 
+Batch paths (on unless ``batch_enabled(kernel)`` is false) do what the per-page code does, page by page
+in the same order, with one event per kind carrying ``count``: ``fault_range`` is ``__sgx_vepc_fault``
+over many pages (a prealloc, or KVM filling the EPT of a guest's boot-time EREMOVE sweep) and stops at
+the first page the allocator refuses, which the caller then faults through ``sgx_vepc_fault`` itself
+(SIGBUS for -ENOMEM, VM_FAULT_RETRY and ksgxd for -EBUSY); ``remove_all`` and pass 1 of ``release``
+EREMOVE through the CPU's ``eremove_batch`` and free with ``free_batch``.
+
 >>> # see tests/test_kernel_vepc.py
 """
 
@@ -16,11 +23,15 @@ import errno
 import threading
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from vepc.arch.constants import (
     PAGE_SHIFT, X86_TRAP_GP, SgxReturn, encls_faulted, encls_trapnr,
 )
 from vepc.events import EventKind
 from vepc.kernel import encls
+from vepc.kernel.cpu import eremove_batch
+from vepc.kernel.epc_pool import batch_enabled
 from vepc.kernel.ioctl_numbers import SGX_IOC_VEPC_REMOVE_ALL
 from vepc.kernel.mm import (
     FAULT_FLAG_ALLOW_RETRY, VM_DONTCOPY, VM_DONTDUMP, VM_FAULT_NOPAGE, VM_FAULT_RETRY, VM_FAULT_SIGBUS,
@@ -28,12 +39,16 @@ from vepc.kernel.mm import (
 )
 from vepc.kernel.owners import ZOMBIE, OwnerKind
 from vepc.kernel.page_array import PageArray
+from vepc.kernel.pte import as_run
 
 if TYPE_CHECKING:
     from vepc.kernel.kernel import Kernel
 
 __all__ = ["SGX_IOC_VEPC_REMOVE_ALL", "Vepc", "VepcDriver", "EREMOVE_ERROR_MESSAGE"]
 
+
+#: Pages per batch of a release pass (bounds the temporary arrays).
+RELEASE_CHUNK = 1 << 17
 
 #: sgx.h EREMOVE_ERROR_MESSAGE (reference §1.5).
 EREMOVE_ERROR_MESSAGE = ("EREMOVE returned {0} (0x{0:x}) and an EPC page was leaked. SGX may become unusable. "
@@ -58,9 +73,13 @@ class Vepc:
 class _VepcVmOps(VmOps):
     def __init__(self, driver: "VepcDriver") -> None:
         self.driver = driver
+        self.fault = driver.fault                # .fault = sgx_vepc_fault, without a hop
 
     def fault(self, vmf: VmFault) -> int:
         return self.driver.fault(vmf)
+
+    def fault_range(self, vma: Vma, vpns, flags: int) -> int:
+        return self.driver.fault_range(vma, vpns, flags)
 
 
 class VepcDriver(FileOps):
@@ -99,9 +118,8 @@ class VepcDriver(FileOps):
         return 0
 
     # -- fault ---------------------------------------------------------------------------------
-    def _fault_locked(self, vepc: Vepc, vma: Vma, addr: int) -> int:
+    def _fault_locked(self, vepc: Vepc, vma: Vma, addr: int, index: int) -> int:
         """``__sgx_vepc_fault``, called with ``vepc.lock`` held."""
-        index = vma.pgoff + ((addr - vma.start) >> PAGE_SHIFT)
         if vepc.page_array.load(index) is not None:
             # Already allocated: upstream returns 0 without inserting the PFN again.
             return 0
@@ -117,17 +135,55 @@ class VepcDriver(FileOps):
         """``sgx_vepc_fault``: 0 → NOPAGE; -EBUSY with retry allowed → RETRY; anything else → SIGBUS."""
         vma = vmf.vma
         vepc: Vepc = vma.vm_private_data
+        index = vma.pgoff + ((vmf.address - vma.start) >> PAGE_SHIFT)
         with vepc.lock:
-            ret = self._fault_locked(vepc, vma, vmf.address)
+            ret = self._fault_locked(vepc, vma, vmf.address, index)
         if ret == 0:
             result = VM_FAULT_NOPAGE
         elif ret == -errno.EBUSY and vmf.flags & FAULT_FLAG_ALLOW_RETRY:
             result = VM_FAULT_RETRY
         else:
             result = VM_FAULT_SIGBUS
-        self.events.emit(EventKind.VEPC_FAULT, owner=vepc.owner_id, arg=vma.pgoff + ((vmf.address - vma.start) >> PAGE_SHIFT),
-                         arg2=result)
+        self.events.emit(EventKind.VEPC_FAULT, owner=vepc.owner_id, arg=index, arg2=result)
         return result
+
+    def fault_range(self, vma: Vma, vpns, flags: int) -> int:
+        """``sgx_vepc_fault`` for the pages ``vpns`` of ``vma`` (ascending, none mapped yet; an array or a
+        ``range``), in order, as long as each one would simply allocate: returns how many leading pages
+        were mapped. It stops before a page whose index is already populated (upstream: return 0 without
+        a PTE) and where the allocator runs dry; the caller handles that page through :meth:`fault`."""
+        vepc: Vepc = vma.vm_private_data
+        n = len(vpns)
+        if not n:
+            return 0
+        pa = vepc.page_array
+        with vepc.lock:
+            shift = vma.pgoff - (vma.start >> PAGE_SHIFT)
+            run = as_run(vpns)
+            index = range(run[0] + shift, run[1] + shift) if run is not None else np.asarray(vpns, np.int64) + shift
+            if len(pa):
+                present = np.flatnonzero(pa.load_many(index) >= 0)
+                k = int(present[0]) if len(present) else n
+            else:
+                k = n
+            pages = self.pool.alloc_batch(vepc, k, node=self.kernel.current_node())
+            m = len(pages)
+            if not m:
+                return 0
+            pa.store_many(index[:m], pages)
+            # vmf_insert_pfn for each page (cannot fail on this VM_PFNMAP VMA).
+            vma.ptes.set_many(vpns[:m], self.pool.pfn_batch(pages))
+        # One event per run of consecutive indices: ``arg`` .. ``arg + count - 1`` were faulted in.
+        if run is not None:
+            self.events.emit(EventKind.VEPC_FAULT, owner=vepc.owner_id, count=m, arg=index[0], arg2=VM_FAULT_NOPAGE)
+            return m
+        index = index[:m]
+        breaks = (np.flatnonzero(np.diff(index) != 1) + 1).tolist() if m > 1 else []
+        starts = [0, *breaks]
+        for a, b in zip(starts, starts[1:] + [m]):
+            self.events.emit(EventKind.VEPC_FAULT, owner=vepc.owner_id, count=b - a, arg=int(index[a]),
+                             arg2=VM_FAULT_NOPAGE)
+        return m
 
     # -- page removal --------------------------------------------------------------------------
     def remove_page(self, page: int) -> int:
@@ -148,21 +204,64 @@ class VepcDriver(FileOps):
         self.pool.free(page)
         return 0
 
+    def remove_pages_batch(self, pages: np.ndarray, stop_unless: tuple[int, ...] | None = None) -> np.ndarray:
+        """``sgx_vepc_remove_page`` of ``pages`` in order through the CPU's batch: the results of a
+        prefix (see :func:`vepc.kernel.cpu.eremove_batch`), with the VEPC_EREMOVE events they carry."""
+        if not len(pages):
+            return np.zeros(0, dtype=np.int64)
+        rets = eremove_batch(self.kernel.cpu, self.pool.phys_addr_batch(pages), stop_unless)
+        if len(rets):
+            done = pages[:len(rets)]
+            fail = np.flatnonzero(rets)
+            ok = len(rets) - len(fail)
+            if ok:
+                first = int(done[np.flatnonzero(rets == 0)[0]]) if len(fail) else int(done[0])
+                self.events.emit(EventKind.VEPC_EREMOVE, owner=int(self.pool.owner[first]), page=first, count=ok,
+                                 arg=0)
+            for j in fail.tolist():
+                page = int(done[j])
+                self.events.emit(EventKind.VEPC_EREMOVE, owner=int(self.pool.owner[page]), page=page, arg=int(rets[j]))
+        return rets
+
+    def _remove_all_failure(self, vepc: Vepc, ret: int) -> int:
+        """A REMOVE_ALL result: +1 for a SECS with children, -EBUSY (stop) for anything else, 0 for success."""
+        if not ret:
+            return 0
+        if ret == SgxReturn.SGX_CHILD_PRESENT:
+            return 1
+        # Only a #PF on EREMOVE indicates a kernel or hardware issue worth a WARN.
+        if encls_faulted(ret) and encls_trapnr(ret) != X86_TRAP_GP:
+            self.kernel.warn_once("vepc_remove_all", f"WARNING: EREMOVE faulted with trap {encls_trapnr(ret)}")
+        self.events.emit(EventKind.VEPC_REMOVE_ALL, owner=vepc.owner_id, arg=-errno.EBUSY)
+        return -errno.EBUSY
+
     def remove_all(self, vepc: Vepc) -> int:
         """``sgx_vepc_remove_all`` (5.16): EREMOVE every page, free nothing, count SECS with children,
         -EBUSY at the first other failure (#GP race or SGX_ENCLAVE_ACT). No lock is taken upstream."""
         failures = 0
-        for _index, page in vepc.page_array.items():
-            ret = self.remove_page(page)
-            if ret:
-                if ret == SgxReturn.SGX_CHILD_PRESENT:
-                    failures += 1
-                else:
-                    # Only a #PF on EREMOVE indicates a kernel or hardware issue worth a WARN.
-                    if encls_faulted(ret) and encls_trapnr(ret) != X86_TRAP_GP:
-                        self.kernel.warn_once("vepc_remove_all", f"WARNING: EREMOVE faulted with trap {encls_trapnr(ret)}")
-                    self.events.emit(EventKind.VEPC_REMOVE_ALL, owner=vepc.owner_id, arg=-errno.EBUSY)
-                    return -errno.EBUSY
+        if batch_enabled(self.kernel, len(vepc.page_array)):
+            pages = vepc.page_array.pages()
+            i, n = 0, len(pages)
+            while i < n:
+                chunk = pages[i:i + RELEASE_CHUNK]
+                rets = self.remove_pages_batch(chunk, stop_unless=(0, SgxReturn.SGX_CHILD_PRESENT))
+                failures += int(np.count_nonzero(rets == SgxReturn.SGX_CHILD_PRESENT))
+                if len(rets) and int(rets[-1]) not in (0, SgxReturn.SGX_CHILD_PRESENT):
+                    return self._remove_all_failure(vepc, int(rets[-1]))
+                i += len(rets)
+                if len(rets) < len(chunk):
+                    # The batch stopped before this page: EREMOVE it alone, as the loop would.
+                    r = self._remove_all_failure(vepc, self.remove_page(int(pages[i])))
+                    if r < 0:
+                        return r
+                    failures += r
+                    i += 1
+        else:
+            for _index, page in vepc.page_array.items():
+                r = self._remove_all_failure(vepc, self.remove_page(page))
+                if r < 0:
+                    return r
+                failures += r
         self.events.emit(EventKind.VEPC_REMOVE_ALL, owner=vepc.owner_id, arg=failures)
         return failures
 
@@ -179,16 +278,47 @@ class VepcDriver(FileOps):
         return -errno.ENOTTY
 
     # -- release -------------------------------------------------------------------------------
+    def _release_pass1_batch(self, pa: PageArray) -> None:
+        """Pass 1 of release for the whole page array: ``sgx_vepc_free_page`` of every entry in index
+        order (a chunk at a time); the entries that failed stay for pass 2."""
+        indices, pages = pa.entries()
+        i, n = 0, len(pages)
+        while i < n:
+            hi = min(n, i + RELEASE_CHUNK)
+            rets = self.remove_pages_batch(pages[i:hi])
+            if len(rets):
+                ok = rets == 0
+                seg_pages = pages[i:i + len(rets)]
+                seg_index = indices[i:i + len(rets)]
+                if ok.all():
+                    self.pool.free_batch(seg_pages)
+                    pa.erase_many(seg_index)
+                else:
+                    # sgx_vepc_free_page: WARN_ONCE for a failure other than SGX_CHILD_PRESENT.
+                    unexpected = rets[~ok & (rets != SgxReturn.SGX_CHILD_PRESENT)]
+                    if len(unexpected):
+                        self.kernel.warn_once("vepc_free_page", EREMOVE_ERROR_MESSAGE.format(int(unexpected[0])))
+                    self.pool.free_batch(seg_pages[ok])
+                    pa.erase_many(np.asarray(seg_index)[ok])
+                i += len(rets)
+            if i < hi:
+                if not self.free_page(int(pages[i])):
+                    pa.erase(int(indices[i]))
+                i += 1
+
     def release(self, file: File) -> int:
         """``sgx_vepc_release``: the order matters (reference §1.6)."""
         vepc: Vepc = file.private_data
         pa = vepc.page_array
         secs_pages: list[int] = []
         # Pass 1: remove all normal, child pages; a SECS with children fails and stays for pass 2.
-        for index, page in pa.items():
-            if self.free_page(page):
-                continue
-            pa.erase(index)
+        if batch_enabled(self.kernel, len(pa)):
+            self._release_pass1_batch(pa)
+        else:
+            for index, page in pa.items():
+                if self.free_page(page):
+                    continue
+                pa.erase(index)
         # Pass 2: SECS pages whose children were all in this instance go now; a failure here means the
         # SECS has a child in another instance: it becomes a zombie, whatever the error code.
         for index, page in pa.items():

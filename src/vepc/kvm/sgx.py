@@ -10,12 +10,9 @@ leaf with its checks (ECREATE) or runs it with the guest's virtual LE-hash MSRs 
 
 from __future__ import annotations
 
-import errno
 from typing import TYPE_CHECKING
 
-from vepc.arch.constants import (
-    PAGE_SIZE, SGX_MISC_EXINFO, X86_TRAP_PF, XFEATURE_FP_SSE, Attribute, FeatureControl, Leaf, PageType,
-)
+from vepc.arch.constants import PAGE_SIZE, X86_TRAP_PF, XFEATURE_FP_SSE, Attribute, FeatureControl, Leaf
 from vepc.arch.structs import EINITTOKEN_SIZE, PAGEINFO_SIZE, SECINFO_SIZE, SIGSTRUCT_SIZE, Pageinfo, Secs
 from vepc.kvm.errors import KVM_EXIT_INTERNAL_ERROR, KVM_EXIT_UNKNOWN, KvmExit, KvmRunError
 from vepc.silicon.faults import ArchFault, GeneralProtection, InvalidOpcode, PageFault, PF_PRESENT, PF_SGX, PF_WRITE
@@ -54,11 +51,10 @@ def sgx_intercept_encls_ecreate(vcpu: "Vcpu") -> bool:
         return True
     if (0x12, 0) not in vcpu.cpuid_entries or (0x12, 1) not in vcpu.cpuid_entries:
         return True
-    kvm = vcpu.kvm
+    # The comparison is against the host's raw CPUID (cpuid_count), not KVM's supported values.
     g0, g1 = vcpu.cpuid(0x12, 0), vcpu.cpuid(0x12, 1)
-    h0, h1 = kvm.supported_cpuid(0x12, 0), kvm.supported_cpuid(0x12, 1)
-    host_1 = kvm.host_cpuid(0x12, 1)
-    return g0[1] != h0[1] or g0[3] != h0[3] or g1 != (host_1[0], host_1[1], host_1[2], host_1[3])
+    h0, h1 = vcpu.kvm.host_cpuid(0x12, 0), vcpu.kvm.host_cpuid(0x12, 1)
+    return g0[1] != h0[1] or g0[3] != h0[3] or tuple(g1) != tuple(h1)
 
 
 def encls_exiting_bitmap(vcpu: "Vcpu") -> int:

@@ -11,7 +11,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from vepc.arch.constants import CPUID_7_EBX_SGX, CPUID_7_ECX_SGX_LC, PAGE_SHIFT, Cpuid12Eax, FeatureControl, Msr
+import numpy as np
+
+from vepc.arch.constants import (
+    CPUID_7_EBX_SGX, CPUID_7_ECX_SGX_LC, PAGE_SHIFT, PAGE_SIZE, Cpuid12Eax, FeatureControl, Leaf, Msr,
+)
 from vepc.silicon.faults import GeneralProtection
 
 if TYPE_CHECKING:
@@ -115,6 +119,36 @@ class Vcpu:
 
     def encls_rbx(self) -> int:
         return self.lp.rbx
+
+    def eremove_batch(self, addrs: np.ndarray, stop_unless: tuple[int, ...] | None = None) -> np.ndarray:
+        """EREMOVE at guest-physical ``addrs`` in order, as the guest executing one ENCLS per page would:
+        natively on the host LP (EREMOVE never exits while SGX is enabled for the guest), each operand
+        translated through the EPT, missing entries faulted in (in bulk: ``Vm.translate_batch``).
+        Returns the results of a prefix; it stops before a page that needs the per-page path -- an
+        ENCLS that would exit or #UD, a misaligned or non-EPC operand, an EPT violation the batch cannot
+        resolve -- and the guest kernel executes that one through ``encls``.
+
+        With ``stop_unless`` only pages already in the EPT are taken: a per-page caller that stops early
+        would not have faulted in the pages after the stop."""
+        from vepc.kernel.cpu import EMPTY_RESULTS
+        from vepc.kvm.sgx import encls_exiting_bitmap
+
+        gpas = np.asarray(addrs, dtype=np.int64)
+        proc = self.kvm.processor
+        if (not len(gpas) or not self.kvm.enable_sgx or encls_exiting_bitmap(self) >> Leaf.EREMOVE & 1
+                or not proc.sgx_enabled() or self.lp.inside is not None):
+            return EMPTY_RESULTS
+        bad = np.flatnonzero(gpas & (PAGE_SIZE - 1))
+        k = int(bad[0]) if len(bad) else len(gpas)
+        if k > 1 and not (np.diff(gpas[:k]) > 0).all():
+            return EMPTY_RESULTS                      # the bulk EPT fill needs ascending, distinct pages
+        hpfns = self.vm.translate_batch(gpas[:k], fault_in=stop_unless is None)
+        idx = proc.epc_indices(hpfns << PAGE_SHIFT)
+        outside = np.flatnonzero(idx < 0)
+        if len(outside):
+            idx = idx[:outside[0]]                    # RAM behind the operand: #PF, per page
+        rets = proc.eremove_batch(self.lp, idx, stop_unless)
+        return EMPTY_RESULTS if rets is None else rets
 
     # -- enclave entry (ENCLU runs natively on the host LP) ------------------------------------------
     def eenter(self, tcs_gpa: int) -> None:

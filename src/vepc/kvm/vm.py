@@ -5,6 +5,11 @@ fault (for virtual EPC: ``sgx_vepc_fault``). A fault that cannot be satisfied (S
 handler) makes KVM_RUN fail with EFAULT (linux-sgx.md §4.10: ``hva_to_pfn_remapped`` →
 ``KVM_PFN_ERR_FAULT``).
 
+Batch path: ``translate_batch`` resolves many guest-physical pages at once; missing EPT entries are
+filled from the VMM's page tables with ``fixup_user_fault_range`` (a vepc memslot: ``sgx_vepc_fault``
+for many pages) and installed together, one EPT_VIOLATION event with ``count``. It stops before the first
+page that needs the per-page path (whose failure the per-page ``ept_violation`` reports).
+
 >>> # see tests/test_kvm.py
 """
 
@@ -14,6 +19,8 @@ import bisect
 import errno
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+import numpy as np
 
 from vepc.arch.constants import PAGE_SHIFT, PAGE_SIZE
 from vepc.events import EventKind
@@ -55,12 +62,19 @@ class GuestMemory:
         self.layout = vm.kvm.processor.layout
 
     def translate(self, gpa: int, write: bool = False) -> int:
-        hpfn = self.vm.ept_lookup(gpa >> PAGE_SHIFT)
+        vm = self.vm
+        gfn = gpa >> PAGE_SHIFT
+        s = vm._last
+        if s is None or not s.guest_phys_addr <= gpa < s.end:
+            s = vm.slot_of(gpa)
+        hpfn = vm.ept[s.slot].get(gfn) if s is not None else None
         if hpfn is None:
-            hpfn = self.vm.ept_violation(gpa, write)
+            hpfn = vm.ept_violation(gpa, write, s)
         return (hpfn << PAGE_SHIFT) | (gpa & (PAGE_SIZE - 1))
 
     def read(self, addr: int, size: int) -> bytes:
+        if size == 1 or (addr & (PAGE_SIZE - 1)) + size <= PAGE_SIZE:
+            return self.memory.read(self.translate(addr), size)         # within one page: one translation
         out = bytearray()
         while size:
             n = min(size, PAGE_SIZE - (addr & (PAGE_SIZE - 1)))
@@ -157,18 +171,71 @@ class Vm:
         return None if s is None else s.userspace_addr + (gpa - s.guest_phys_addr)
 
     # -- EPT -----------------------------------------------------------------------------------
-    def ept_violation(self, gpa: int, write: bool) -> int:
+    def ept_violation(self, gpa: int, write: bool, slot: Memslot | None = None) -> int:
         """Fill the EPT entry for ``gpa``: memslot → HVA → host page (faulting it in). KVM_RUN fails with
-        EFAULT when the host fault cannot be satisfied."""
-        hva = self.gpa_to_hva(gpa)
-        if hva is None:
+        EFAULT when the host fault cannot be satisfied. ``slot``: the memslot of ``gpa`` if known."""
+        s = slot if slot is not None else self.slot_of(gpa)
+        if s is None:
             raise KvmExit(KVM_EXIT_MMIO, f"no memslot for guest physical address {gpa:#x}", gpa)
+        hva = s.userspace_addr + (gpa - s.guest_phys_addr)
         pfn = self.vmm.fixup_user_fault(hva & ~(PAGE_SIZE - 1), write=True)
         if pfn < 0:
             raise KvmRunError(errno.EFAULT, gpa)
-        self.ept[self.slot_of(gpa).slot][gpa >> PAGE_SHIFT] = pfn
+        self.ept[s.slot][gpa >> PAGE_SHIFT] = pfn
         self.kvm.events.emit(EventKind.EPT_VIOLATION, arg=gpa >> PAGE_SHIFT, arg2=pfn)
         return pfn
+
+    def translate_batch(self, gpas: np.ndarray, fault_in: bool = True) -> np.ndarray:
+        """Host frames behind the page-aligned guest-physical ``gpas`` (ascending, distinct), each as a
+        translation would find it, filling missing EPT entries when ``fault_in`` (what the EPT violations
+        of those accesses would do, in order). Returns the frames of a prefix: it stops before a page
+        outside memslots, or one whose EPT entry the batch cannot fill (the per-page path reports why)."""
+        gpas = np.asarray(gpas, dtype=np.int64)
+        n = len(gpas)
+        parts: list[np.ndarray] = []
+        i = 0
+        while i < n:
+            s = self.slot_of(int(gpas[i]))
+            if s is None:
+                break
+            rest = gpas[i:]
+            outside = np.flatnonzero((rest < s.guest_phys_addr) | (rest >= s.end))
+            k = int(outside[0]) if len(outside) else len(rest)
+            gfns = rest[:k] >> PAGE_SHIFT
+            table = self.ept[s.slot]
+            pf = table.get_many(gfns)
+            missing = np.flatnonzero(pf < 0)
+            if len(missing):
+                filled = self._ept_fill(s, gfns[missing]) if fault_in else 0
+                if filled:
+                    pf[missing[:filled]] = table.get_many(gfns[missing[:filled]])
+                if filled < len(missing):
+                    parts.append(pf[:missing[filled]])
+                    break
+            parts.append(pf)
+            i += k
+        if not parts:
+            return np.zeros(0, dtype=np.int64)
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def _ept_fill(self, s: Memslot, gfns: np.ndarray) -> int:
+        """EPT violations of the missing ``gfns`` of slot ``s`` (ascending), in order, in bulk: a run of
+        consecutive frames is one ``fixup_user_fault_range``. Returns how many leading ones were filled."""
+        done = 0
+        table = self.ept[s.slot]
+        breaks = np.flatnonzero(np.diff(gfns) != 1) + 1
+        for run in np.split(gfns, breaks) if len(breaks) else (gfns,):
+            gfn0 = int(run[0])
+            hva = s.userspace_addr + ((gfn0 << PAGE_SHIFT) - s.guest_phys_addr)
+            pfns = self.vmm.fixup_user_fault_range(hva, len(run), write=True)
+            m = len(pfns)
+            if m:
+                table.set_range(gfn0, pfns)
+                self.kvm.events.emit(EventKind.EPT_VIOLATION, count=m, arg=gfn0, arg2=int(pfns[0]))
+                done += m
+            if m < len(run):
+                break
+        return done
 
     def invalidate_hva_range(self, start: int, end: int) -> None:
         """mmu_notifier ``invalidate_range_start``: drop EPT entries backed by ``[start, end)``."""
@@ -179,7 +246,7 @@ class Vm:
                 continue
             first = (s.guest_phys_addr + (lo - s.userspace_addr)) >> PAGE_SHIFT
             last = (s.guest_phys_addr + (hi - s.userspace_addr)) >> PAGE_SHIFT
-            self.ept[s.slot].clear_range(first, last)
+            self.ept[s.slot].clear_range(first, last, want_pfns=False)
 
     def guest_pages_mapped(self) -> dict[int, int]:
         """EPT contents: guest frame → host frame."""

@@ -13,11 +13,13 @@ import threading
 from dataclasses import dataclass, field
 from typing import Callable
 
+import numpy as np
+
 from vepc.arch.constants import (
     CPUID_1_ECX_VMX, CPUID_7_EBX_SGX, CPUID_7_ECX_SGX_LC, EPC_SECTION_TYPE, INTEL_DEFAULT_LE_HASH,
-    SGX_MISC_EXINFO, Cpuid12Eax, FeatureControl, Msr,
+    PAGE_SHIFT, SGX_MISC_EXINFO, Cpuid12Eax, FeatureControl, Leaf, Msr,
 )
-from vepc.events import EventLog
+from vepc.events import EventKind, EventLog
 from vepc.silicon.enclave_state import SecsState
 from vepc.silicon.epc import EpcLayout, EpcSection
 from vepc.silicon.epcm import Epcm
@@ -92,6 +94,11 @@ class Processor:
         self.lock = threading.RLock()
         self._next_eid = 1
         self._version = 0
+        # Sections sorted by base, for vectorised physical address -> page index lookups.
+        order = sorted(range(len(config.sections)), key=lambda i: config.sections[i].base)
+        self._sec_base = np.array([config.sections[i].base for i in order], dtype=np.int64)
+        self._sec_end = np.array([config.sections[i].end for i in order], dtype=np.int64)
+        self._sec_first = np.array([self.layout.first_index[i] for i in order], dtype=np.int64)
         seed = config.seed.to_bytes(8, "little")
         #: Per-package paging key (EWB/ELDU sealing); derived from the seed so runs are reproducible.
         self.paging_key = hashlib.sha256(b"vepc paging key" + seed).digest()[:16]
@@ -154,6 +161,43 @@ class Processor:
 
     def phys_of(self, index: int) -> PhysAddr:
         return self.layout.phys_of(index)
+
+    def epc_indices(self, addrs: np.ndarray) -> np.ndarray:
+        """``layout.index_of`` of many physical addresses: the EPC page index of each, -1 where not EPC."""
+        addrs = np.asarray(addrs, dtype=np.int64)
+        if not len(addrs):
+            return np.zeros(0, dtype=np.int64)
+        lo, hi = int(addrs.min()), int(addrs.max())
+        sid = self.layout.section_id_of(lo)
+        if sid >= 0 and hi < self.config.sections[sid].end:
+            # All in one section (the common case: a run of pages): no per-element lookup.
+            return ((addrs - self.config.sections[sid].base) >> PAGE_SHIFT) + self.layout.first_index[sid]
+        pos = np.searchsorted(self._sec_base, addrs, side="right") - 1
+        posc = np.maximum(pos, 0)
+        inside = (pos >= 0) & (addrs < self._sec_end[posc])
+        idx = self._sec_first[posc] + ((addrs - self._sec_base[posc]) >> PAGE_SHIFT)
+        return np.where(inside, idx, -1)
+
+    def eremove_batch(self, lp, idx: np.ndarray, stop_unless: tuple[int, ...] | None = None) -> np.ndarray | None:
+        """ENCLS[EREMOVE] from ``lp`` on EPC pages ``idx`` (operands already resolved), in order: the
+        results one EREMOVE per page would give, or None when ENCLS itself would not run (#UD: SGX off,
+        ``lp`` inside an enclave) -- the caller then executes the instruction page by page.
+        See :func:`vepc.silicon.leaves.remove.eremove_batch` for ``stop_unless``."""
+        from vepc.silicon.leaves import remove
+
+        if not self.sgx_enabled() or lp.inside is not None or self.leaves.get(Leaf.EREMOVE) is not remove.eremove:
+            return None
+        with self.lock:
+            if len(idx):
+                lp.rbx = 0                                      # ENCLS[EREMOVE] takes RBX = 0
+            rets = remove.eremove_batch(self, idx, stop_unless)
+            if self.trace_encls and len(rets):
+                ok = int(np.count_nonzero(rets == 0))
+                if ok:
+                    self.events.emit(EventKind.ENCLS, count=ok, arg=int(Leaf.EREMOVE), arg2=0)
+                for r in rets[rets != 0].tolist():
+                    self.events.emit(EventKind.ENCLS, arg=int(Leaf.EREMOVE), arg2=r)
+        return rets
 
     def reset_le_hash(self) -> None:
         for lp in self.lps:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import errno
 import os
 import signal
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from vepc.arch.constants import PAGE_SIZE, FeatureControl, Msr

@@ -3,16 +3,23 @@
 Return codes: SGX_CHILD_PRESENT for a SECS that still has child pages in EPC, SGX_ENCLAVE_ACT for a page
 of an enclave a logical processor is executing in; an invalid page is a successful no-op, which is why
 the kernel may EREMOVE guest pages "unconditionally" (virt.c, reference §1.5).
+
+:func:`eremove_batch` is EREMOVE over many pages at once with the same results and effects as one
+EREMOVE per page in order: EPCM-invalid pages are a no-op (one vectorised test), valid ones go through the
+per-page operation below, in order, because removing one page can change another's result (a SECS whose
+last child went first is freed, not SGX_CHILD_PRESENT).
 """
 
 from __future__ import annotations
+
+import numpy as np
 
 from vepc.arch.constants import PAGE_SIZE, Leaf, PageType, SgxReturn
 from vepc.silicon.epcm import MODIFIED, PT_MASK, PT_SHIFT, VALID
 from vepc.silicon.leaves.common import check_aligned, epc_operand, leaf
 from vepc.silicon.leaves.paging import modify_epochs
 
-__all__ = ["eremove"]
+__all__ = ["eremove", "eremove_page", "eremove_batch"]
 
 
 @leaf(Leaf.EREMOVE)
@@ -32,9 +39,13 @@ def eremove(lp, rbx: int, rcx: int, rdx: int, mem) -> int:
     >>> cpu.epcm.valid(0)
     False
     """
-    proc = lp.processor
     check_aligned(rcx, PAGE_SIZE, "EPC page")                       # SDM EREMOVE: #GP(0)
     idx = epc_operand(mem, rcx, write=True)                         # SDM EREMOVE: #PF(DS:RCX)
+    return eremove_page(lp.processor, idx)
+
+
+def eremove_page(proc, idx: int) -> int:
+    """The EREMOVE operation on EPC page ``idx`` once the operand resolved (everything after #GP/#PF)."""
     epcm = proc.epcm
     f = int(epcm.flags[idx])
     # SDM EREMOVE: "if DS:RCX is already unused, nothing to do".
@@ -63,6 +74,31 @@ def eremove(lp, rbx: int, rcx: int, rdx: int, mem) -> int:
     st.bepoch.pop(idx, None)
     _free(proc, idx)
     return 0
+
+
+def eremove_batch(proc, idx: np.ndarray, stop_unless: tuple[int, ...] | None = None) -> np.ndarray:
+    """EREMOVE of EPC pages ``idx`` (resolved operands) in order; the results, one per page.
+
+    With ``stop_unless``, stop right after the first result not in it (the results of a prefix are
+    returned, and no later page is touched), as a caller that gives up at such a result would.
+    The caller holds ``proc.lock`` and made the checks ENCLS makes before any leaf (#UD).
+    """
+    idx = np.asarray(idx, dtype=np.int64)
+    rets = np.zeros(len(idx), dtype=np.int64)
+    if not len(idx):
+        return rets
+    n = len(idx)
+    contiguous = int(idx[-1]) - int(idx[0]) == n - 1 and (n < 3 or bool((np.diff(idx) == 1).all()))
+    flags = proc.epcm.flags[int(idx[0]):int(idx[0]) + n] if contiguous else proc.epcm.flags[idx]
+    valid = np.flatnonzero(flags & VALID)
+    # Invalid pages: "nothing to do" -- and nothing an earlier EREMOVE does can make a page valid.
+    for j in valid.tolist():
+        r = eremove_page(proc, int(idx[j]))
+        if r:
+            rets[j] = r
+            if stop_unless is not None and r not in stop_unless:
+                return rets[:j + 1]
+    return rets
 
 
 def _free(proc, idx: int) -> None:

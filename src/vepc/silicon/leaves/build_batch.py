@@ -1,0 +1,127 @@
+"""EADD (+ the 16 EEXTENDs of each page) for many pages in one call, with the effects of the per-page
+leaves in :mod:`vepc.silicon.leaves.build`.
+
+``eadd_batch`` is what ring-0 code executing, for page after page, EADD with PAGEINFO{LINADDR = base +
+offset, SRCPGE = the page's source, SECINFO = ``secinfo_flags``, SECS} and then, when measured, EEXTEND of
+chunks 0..15 in order (``SGX_IOC_ENCLAVE_ADD_PAGES`` with SGX_PAGE_MEASURE) leaves behind: the same EPC
+contents, EPCM entries, child count and MRENCLAVE (SHA-256 is fed the same 64-byte blocks in the same
+order, only in larger pieces). The per-page checks of the SDM are made for all pages first; the batch
+stops before the first page that would fault, and the caller executes that page with the ordinary leaves,
+which raise the fault. TCS pages (their fields are checked and forced one by one) are left to the
+per-page leaves as well.
+
+>>> from vepc.baremetal import BareMetal
+>>> from vepc.silicon import Processor, ProcessorConfig, EpcSection
+>>> from vepc.types import PhysAddr
+>>> from vepc.arch.structs import Secs
+>>> bm = BareMetal(Processor(ProcessorConfig(sections=(EpcSection(PhysAddr(0x80000000), 1 << 20),))))
+>>> bm.ecreate(Secs(size=0x4000, base=0x10000, ssa_frame_size=1, attributes=4, xfrm=3), bm.epc(0))
+0
+>>> eadd_batch(bm.cpu.lp(0), 0, np.array([1, 2]), np.array([0, 0x1000]), (PageType.REG << 8) | 3, bytes(8192))
+2
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from vepc.arch.constants import PAGE_SIZE, SECINFO_RESERVED_MASK, PageType
+from vepc.arch.structs import Secinfo
+from vepc.silicon.epcm import PT_MASK, PT_SHIFT, RWX_SHIFT, VALID
+from vepc.silicon.leaves.build import EADD_TAG, EEXTEND_TAG
+
+__all__ = ["eadd_batch", "MEASURE_BLOCK_BYTES"]
+
+#: Bytes SHA-256 absorbs per measured page: the EADD block and 16 x (EEXTEND block + 256 bytes).
+MEASURE_BLOCK_BYTES = 64 + 16 * (64 + 256)
+#: Pages per measurement buffer (about 5 MiB): large updates, bounded memory.
+_CHUNK = 1024
+_CHUNK_OFFSETS = np.arange(16, dtype=np.uint64) * 256
+
+
+def _prefix_ok(ok: np.ndarray) -> int:
+    bad = np.flatnonzero(~ok)
+    return int(bad[0]) if len(bad) else len(ok)
+
+
+def _measure(st, pages: np.ndarray, offsets: np.ndarray, secinfo_flags: int, measure: bool) -> None:
+    """MRENCLAVE updates of EADD (and EEXTEND of chunks 0..15) for each page in order."""
+    n = len(pages)
+    secinfo48 = np.frombuffer(Secinfo(secinfo_flags).pack()[:48], dtype=np.uint8)
+    width = MEASURE_BLOCK_BYTES if measure else 64
+    rec = np.zeros((min(n, _CHUNK), width), dtype=np.uint8)       # reused: the headers' padding stays 0
+    r64 = rec.view("<u8")
+    r64[:, 0] = EADD_TAG
+    rec[:, 16:64] = secinfo48
+    if measure:
+        ext = rec[:, 64:].reshape(len(rec), 16, 320)
+        ext[:, :, 0:8] = np.frombuffer(EEXTEND_TAG.to_bytes(8, "little"), dtype=np.uint8)
+        ext_off = ext[:, :, 8:16]
+    for lo in range(0, n, _CHUNK):
+        hi = min(n, lo + _CHUNK)
+        m = hi - lo
+        r64[:m, 1] = offsets[lo:hi]
+        if measure:
+            chunk_off = offsets[lo:hi].astype(np.uint64)[:, None] + _CHUNK_OFFSETS
+            ext_off[:m] = chunk_off.astype("<u8").view(np.uint8).reshape(m, 16, 8)
+            ext[:m, :, 64:] = pages[lo:hi].reshape(m, 16, 256)
+        st.measurement.update(rec[:m])
+
+
+def eadd_batch(lp, secs_idx: int, idx: np.ndarray, offsets: np.ndarray, secinfo_flags: int, src,
+               measure: bool = True) -> int:
+    """EADD page ``i`` of ``src`` (4096 bytes each) to EPC page ``idx[i]`` at ``offsets[i]`` from the
+    enclave base, as a PT_REG page with ``secinfo_flags``, into the enclave whose SECS is EPC page
+    ``secs_idx``; EEXTEND all of it when ``measure``. Returns how many leading pages were added."""
+    proc = lp.processor
+    idx = np.asarray(idx, dtype=np.int64)
+    offsets = np.asarray(offsets, dtype=np.int64)
+    n = len(idx)
+    src = np.frombuffer(memoryview(src).cast("B"), dtype=np.uint8)
+    if not n or len(src) < n * PAGE_SIZE or len(offsets) < n:
+        return 0
+    # ENCLS itself (#UD) and the checks common to every page: SECINFO (#GP), the SECS (#PF), INIT (#GP).
+    if not proc.sgx_enabled() or lp.inside is not None:
+        return 0
+    pt = (secinfo_flags >> 8) & 0xFF
+    if (secinfo_flags & SECINFO_RESERVED_MASK or secinfo_flags & 0x38 or pt != PageType.REG
+            or (secinfo_flags & 0x2 and not secinfo_flags & 0x1)):
+        return 0
+    epcm = proc.epcm
+    if not 0 <= secs_idx < epcm.nr_pages:
+        return 0
+    sf = int(epcm.flags[secs_idx])
+    if not sf & VALID or (sf & PT_MASK) >> PT_SHIFT != PageType.SECS:
+        return 0
+    st = proc.enclaves[secs_idx]
+    if st.initialized:
+        return 0
+    # Per page: destination in EPC and invalid (#PF), distinct (a second EADD finds it valid), LINADDR
+    # page aligned (#GP) and inside the enclave (#GP).
+    ok = (idx >= 0) & (idx < epcm.nr_pages) & (offsets >= 0) & (offsets < st.size) & (offsets % PAGE_SIZE == 0)
+    n = _prefix_ok(ok)
+    idx, offsets = idx[:n], offsets[:n]
+    if n:
+        n = _prefix_ok((epcm.flags[idx] & VALID) == 0)
+        idx, offsets = idx[:n], offsets[:n]
+    if n > 1:
+        _, first = np.unique(idx, return_index=True)
+        dup = np.ones(n, dtype=bool)
+        dup[first] = False
+        n = _prefix_ok(~dup)
+        idx, offsets = idx[:n], offsets[:n]
+    if not n:
+        return 0
+    with proc.lock:
+        pages = src[:n * PAGE_SIZE].reshape(n, PAGE_SIZE)
+        # Contents: what EADD copies from SRCPGE.
+        store = proc.memory.epc
+        for i, ix in enumerate(idx.tolist()):
+            store[ix] = bytearray(pages[i])
+        _measure(st, pages, offsets, secinfo_flags, measure)
+        # EPCM: valid PT_REG with the SECINFO's RWX, the SECS, ENCLAVEADDRESS as a page offset.
+        epcm.flags[idx] = VALID | (int(PageType.REG) << PT_SHIFT) | ((secinfo_flags & 0x7) << RWX_SHIFT)
+        epcm.secs[idx] = secs_idx
+        epcm.offset[idx] = offsets >> 12
+        st.child_count += n
+    return n

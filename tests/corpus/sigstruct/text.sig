@@ -1,0 +1,10 @@
+this is not a SIGSTRUCT
+this is not a SIGSTRUCT
+this is not a SIGSTRUCT
+this is not a SIGSTRUCT
+this is not a SIGSTRUCT
+this is not a SIGSTRUCT
+this is not a SIGSTRUCT
+this is not a SIGSTRUCT
+this is not a SIGSTRUCT
+this is not a SIGSTRUCT

@@ -1,0 +1,186 @@
+"""Batch EADD/EEXTEND, EWB/ELDU and EREMOVE in silicon equal the per-page leaves ([Scale] issue).
+
+Two processors get the same random enclave work; one runs the batch functions (then, where a batch
+stopped, the per-page leaf for that page, as a caller does), the other only per-page leaves. EPCM, EPC
+contents, enclave state (MRENCLAVE, child count, epochs), VA slots and the sealed output must be equal.
+"""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+
+from vepc.arch.constants import PAGE_SIZE, Leaf, PageType
+from vepc.arch.structs import PCMD_SIZE, Pageinfo, Secs
+from vepc.baremetal import BareMetal
+from vepc.silicon import Processor, ProcessorConfig
+from vepc.silicon.epc import EpcSection
+from vepc.silicon.faults import ArchFault
+from vepc.silicon.leaves.build_batch import eadd_batch
+from vepc.silicon.leaves.paging_batch import eldu_batch, ewb_batch
+from vepc.types import PhysAddr
+
+BASE = 0x80000000
+NPAGES = 512
+ENCL_BASE = 1 << 24
+REG_RW = (PageType.REG << 8) | 3
+PI = 0x200000
+BACK = 0x400000
+PCMD = 0x300000
+
+
+def machine() -> tuple[Processor, BareMetal]:
+    proc = Processor(ProcessorConfig(sections=(EpcSection(PhysAddr(BASE), NPAGES * PAGE_SIZE),)))
+    return proc, BareMetal(proc)
+
+
+def epc(i: int) -> int:
+    return BASE + i * PAGE_SIZE
+
+
+def state(proc: Processor) -> dict:
+    return {"flags": proc.epcm.flags.copy().tolist(), "secs": proc.epcm.secs.tolist(),
+            "offset": proc.epcm.offset.tolist(),
+            "epc": {i: bytes(b) for i, b in sorted(proc.memory.epc.items())},
+            "enclaves": {i: (st.eid, st.child_count, st.measurement.hexdigest(), dict(st.bepoch), st.cbepoch)
+                         for i, st in sorted(proc.enclaves.items())},
+            "version": proc._version}
+
+
+def run_leaf(fn, *a) -> object:
+    try:
+        return fn(*a)
+    except ArchFault as f:
+        return type(f).__name__
+
+
+def build(rng: random.Random, batch: bool, bad: set[int]):
+    """An enclave: ECREATE at page 0, then EADD+EEXTEND of random pages; ``bad`` holds page numbers of the
+    work list that are made invalid (already valid destination, outside the enclave) to force stops."""
+    proc, bm = machine()
+    assert bm.ecreate(Secs(size=1 << 22, base=ENCL_BASE, ssa_frame_size=1, attributes=4, xfrm=3), epc(0)) == 0
+    n = rng.randint(1, 120)
+    dest = rng.sample(range(1, NPAGES), n)
+    offs = [rng.randrange(1 << 10) * PAGE_SIZE for _ in range(n)]
+    for j in bad:
+        if j < n:
+            if j % 2:
+                dest[j] = dest[0]                                # already valid once page 0 is in
+            else:
+                offs[j] = (1 << 22) + PAGE_SIZE                  # LINADDR outside the enclave
+    data = bytes(rng.getrandbits(8) for _ in range(64)) * (n * PAGE_SIZE // 64)
+    measure = rng.random() < 0.7
+    results = []
+    i = 0
+    while i < n:
+        if batch:
+            k = eadd_batch(proc.lp(0), 0, np.array(dest[i:]), np.array(offs[i:]), REG_RW, data[i * PAGE_SIZE:],
+                           measure)
+            results.append(("batch", k))
+            i += k
+            if i >= n:
+                break
+        r = run_leaf(bm.eadd, epc(dest[i]), epc(0), ENCL_BASE + offs[i], data[i * PAGE_SIZE:(i + 1) * PAGE_SIZE],
+                     REG_RW)
+        results.append(("eadd", r))
+        if r == 0 and measure:
+            for c in range(16):
+                bm.eextend(epc(dest[i]) + 256 * c)
+        i += 1
+    return proc, bm, dest, [r for r in results if r[0] == "eadd"]
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_eadd_batch_equals_eadd_and_eextend_per_page(seed):
+    rng = random.Random(seed)
+    bad = set(random.Random(seed + 100).sample(range(120), random.Random(seed).randint(0, 3)))
+    a, _, _, ra = build(random.Random(seed), True, bad)
+    b, _, _, rb = build(random.Random(seed), False, bad)
+    assert state(a) == state(b)
+    assert [r for r in ra if r[1] != 0] == [r for r in rb if r[1] != 0]
+    del rng
+
+
+def block_and_track(bm: BareMetal, pages: list[int]) -> None:
+    for p in pages:
+        assert bm.encls(Leaf.EBLOCK, 0, epc(p)) == 0
+    assert bm.encls(Leaf.ETRACK, 0, epc(0)) == 0
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_ewb_and_eldu_batches_equal_per_page_leaves(seed):
+    def go(batch: bool):
+        rng = random.Random(seed)
+        proc, bm = machine()
+        assert bm.ecreate(Secs(size=1 << 22, base=ENCL_BASE, ssa_frame_size=1, attributes=4, xfrm=3), epc(0)) == 0
+        n = rng.randint(2, 100)
+        pages = list(range(10, 10 + n))
+        for i, p in enumerate(pages):
+            assert bm.eadd(epc(p), epc(0), ENCL_BASE + i * PAGE_SIZE, bytes([i % 256, seed]) * 2048, REG_RW) == 0
+        for va in (1, 2):
+            assert bm.encls(Leaf.EPA, PageType.VA, epc(va)) == 0
+        unblocked = rng.randrange(n) if rng.random() < 0.4 else -1
+        block_and_track(bm, [p for i, p in enumerate(pages) if i != unblocked])
+        va_idx = [1 + (i % 2) for i in range(n)]
+        va_off = [8 * i for i in range(n)]
+        out = np.zeros((n, PAGE_SIZE), dtype=np.uint8)
+        pcmds = np.zeros((n, PCMD_SIZE), dtype=np.uint8)
+        ewb_rets = []
+        i = 0
+        while i < n:
+            if batch:
+                k = ewb_batch(proc.lp(0), np.array(pages[i:]), np.array(va_idx[i:]), np.array(va_off[i:]), out[i:],
+                              pcmds[i:])
+                i += k
+                if i >= n:
+                    break
+            bm._put(PI, Pageinfo(0, BACK, PCMD, 0).pack())
+            r = bm.encls(Leaf.EWB, PI, epc(pages[i]), epc(va_idx[i]) + va_off[i])
+            ewb_rets.append((i, r))
+            if r == 0:
+                out[i] = np.frombuffer(proc.memory.read(PhysAddr(BACK), PAGE_SIZE), dtype=np.uint8)
+                pcmds[i] = np.frombuffer(proc.memory.read(PhysAddr(PCMD), PCMD_SIZE), dtype=np.uint8)
+            i += 1
+        written = [j for j in range(n) if pcmds[j].any()]
+        if rng.random() < 0.3 and written:
+            out[written[-1]][5] ^= 1                              # a corrupted copy: MAC mismatch
+        dest = list(range(200, 200 + n))
+        eldu_rets = []
+        i = 0
+        while i < len(written):
+            if batch:
+                w = written[i:]
+                k = eldu_batch(proc.lp(0), np.array([dest[j] for j in w]), 0,
+                               np.array([ENCL_BASE + j * PAGE_SIZE for j in w]), np.array([va_idx[j] for j in w]),
+                               np.array([va_off[j] for j in w]), out[w], pcmds[w])
+                i += k
+                if i >= len(written):
+                    break
+            j = written[i]
+            proc.memory.write(PhysAddr(BACK), out[j].tobytes())
+            proc.memory.write(PhysAddr(PCMD), pcmds[j].tobytes())
+            bm._put(PI, Pageinfo(ENCL_BASE + j * PAGE_SIZE, BACK, PCMD, epc(0)).pack())
+            eldu_rets.append((j, bm.encls(Leaf.ELDU, PI, epc(dest[j]), epc(va_idx[j]) + va_off[j])))
+            i += 1
+        return state(proc), out, pcmds, [r for r in ewb_rets if r[1]], [r for r in eldu_rets if r[1]]
+
+    a, b = go(True), go(False)
+    assert a[0] == b[0]
+    assert np.array_equal(a[1], b[1]) and np.array_equal(a[2], b[2])
+    assert a[3] == b[3] and a[4] == b[4]
+
+
+def test_eremove_batch_follows_per_page_order_for_valid_pages():
+    """A SECS before its child answers SGX_CHILD_PRESENT; after it, the SECS goes too -- as per page."""
+    for order in ((0, 1, 2, 3), (1, 2, 0, 3), (3, 0, 1, 2)):
+        a, bma = machine()
+        b, bmb = machine()
+        for bm in (bma, bmb):
+            assert bm.ecreate(Secs(size=1 << 20, base=ENCL_BASE, ssa_frame_size=1, attributes=4, xfrm=3), epc(0)) == 0
+            assert bm.eadd(epc(1), epc(0), ENCL_BASE, b"a", REG_RW) == 0
+            assert bm.eadd(epc(2), epc(0), ENCL_BASE + PAGE_SIZE, b"b", REG_RW) == 0
+        ra = a.eremove_batch(a.lp(0), np.array(order)).tolist()
+        rb = [bmb.eremove(epc(i)) for i in order]
+        assert ra == rb and state(a) == state(b)

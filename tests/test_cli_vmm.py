@@ -1,0 +1,54 @@
+"""`vepc qemu`: boot a VM from QEMU options on a described host; print info sgx and CPUID 0x12."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+ARGS = ["-m", "2G", "-cpu", "host", "-object", "memory-backend-epc,id=m0,size=64M,prealloc=on",
+        "-M", "sgx-epc.0.memdev=m0,sgx-epc.0.node=0"]
+
+
+def vepc(*args):
+    return subprocess.run([sys.executable, "-c", "from vepc.cli import main; main()", *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_qemu_prints_info_sgx_and_the_guest_cpuid():
+    r = vepc("qemu", "--host-epc", "128M@0", "--", *ARGS)
+    assert r.returncode == 0, r.stderr
+    assert "NUMA node #0: size=67108864" in r.stdout
+    assert "0x00000012 0x02: eax=0x00000001 ebx=0x00000001 ecx=0x04000001 edx=0x00000000" in r.stdout
+    assert "sgx: EPC section 0x100000000-0x103ffffff" in r.stdout
+
+
+def test_qemu_json_has_the_qmp_objects_and_cpuid():
+    r = vepc("qemu", "--host-epc", "64M@0,64M@1", "--json", "--", *ARGS)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["query-sgx"]["sections"] == [{"node": 0, "size": 64 << 20}]
+    assert out["query-sgx-capabilities"]["sections"] == [{"node": 0, "size": 64 << 20}, {"node": 1, "size": 64 << 20}]
+    assert {"leaf": "0x12", "subleaf": 3, "eax": "0x00000000", "ebx": "0x00000000", "ecx": "0x00000000",
+            "edx": "0x00000000"} in out["cpuid"]
+    assert out["epc_committed_bytes"] == 64 << 20
+
+
+def test_qemu_bad_options_print_qemus_line_and_exit_2():
+    r = vepc("qemu", "--host-epc", "128M@0", "--", "-m", "2G", "-object", "memory-backend-epc,id=m0,size=0",
+             "-M", "sgx-epc.0.memdev=m0,sgx-epc.0.node=0")
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [
+        "vepc: qemu-system-x86_64: property 'size' of memory-backend-epc doesn't take value '0'"]
+    assert "Traceback" not in r.stderr
+
+
+def test_qemu_prealloc_beyond_the_host_fails_with_qemus_message():
+    r = vepc("qemu", "--host-epc", "32M@0", "--", *ARGS)
+    assert r.returncode == 2
+    assert "qemu_prealloc_mem: preallocating memory failed: Bad address" in r.stderr
+
+
+def test_qemu_bad_host_epc_is_one_line_exit_2():
+    r = vepc("qemu", "--host-epc", "64Q@0", "--", *ARGS)
+    assert r.returncode == 2 and r.stderr.startswith("vepc: --host-epc:") and "Traceback" not in r.stderr
