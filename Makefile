@@ -21,7 +21,7 @@ bench: $(STAMP)
 	$(BIN)/vepc bench
 
 fuzz: $(STAMP)
-	@echo "make fuzz: the stateful fuzzer arrives with the [Reliability] issue; nothing to run yet."
+	@$(BIN)/python -m vepc.reliability.fuzz --sequences 1500 --steps 50
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

@@ -131,8 +131,8 @@ def snap_machine(m: Machine) -> dict:
          "events": dict(m.events.totals()), "warnings": m.events.warnings()}
     kvm = getattr(m.kernel, "kvm", None)
     if kvm is not None:
-        d["vms"] = [{slot: (t.present_vpns(), t.pfns_of(t.present_vpns()), len(t)) for slot, t in sorted(vm.ept.items())}
-                    for vm in kvm.vms]
+        d["vms"] = [{slot: (t.present_vpns(), t.pfns_of(t.present_vpns()), len(t))
+                     for slot, t in sorted(vm.ept.items())} for vm in kvm.vms]
     return d
 
 

@@ -37,7 +37,7 @@ class Figure:
     goal; ``met`` says whether the goal was reached (None: informative line)."""
 
     name: str
-    value: float
+    value: float | None
     unit: str
     limit: float | None
     ratio: float | None
@@ -75,11 +75,11 @@ class Sizes:
 FULL = Sizes(repeats=5, touch_pages=1 << 15, prealloc=64 << 30, enclave=64 << 20, ewb=64 << 20,
              ioctl_enclave=4 << 20, scale_epc=("1G", "64G", "512G"), scale_pages=1 << 14, scale_vms=64,
              scale_vm_epc=32 << 20, boot_big="512G", boot_big_time=10.0, boot_big_rss=4 << 30, vms=64,
-             vm_epc="8G", vms_time=30.0, boot_huge="1T", timeout=900.0)
+             vm_epc="8G", vms_time=30.0, boot_huge="1T", timeout=180.0)
 QUICK = Sizes(repeats=1, touch_pages=1024, prealloc=64 << 20, enclave=2 << 20, ewb=2 << 20,
               ioctl_enclave=64 << 10, scale_epc=("16M", "64M", "256M"), scale_pages=512, scale_vms=4,
               scale_vm_epc=4 << 20, boot_big="1G", boot_big_time=10.0, boot_big_rss=4 << 30, vms=2,
-              vm_epc="4M", vms_time=30.0, boot_huge="4G", timeout=300.0)
+              vm_epc="4M", vms_time=30.0, boot_huge="4G", timeout=120.0)
 
 
 def _size_text(n: int) -> str:
@@ -179,13 +179,17 @@ class _Toucher:
     """A VM (no guest kernel, empty EPT) whose vCPU touches fresh EPC pages one at a time: guest access →
     EPT violation → the VMM's page tables → ``sgx_vepc_fault`` → ``sgx_alloc_epc_page``."""
 
+    WARM = 256          # pages touched before any measurement (first-use costs of the arrays and code)
+
     def __init__(self, host, epc_bytes: int) -> None:
         from vepc.vmm.qemu import QemuVm
 
+        epc_bytes += self.WARM * PAGE_SIZE
         self.vm = QemuVm(host, _qemu_args(epc_bytes), boot_guest=False).start()
         self.vcpu = self.vm.vcpus[0]
         self.next = self.vm.layout.epc_sections[0].base
         self.end = self.next + epc_bytes
+        self.touch(self.WARM)
 
     def touch(self, pages: int) -> float:
         """Touch ``pages`` fresh pages; seconds taken."""
@@ -437,7 +441,7 @@ def fig_boot(sz: Sizes) -> list[Figure]:
     r = _child(["boot", sz.boot_big], sz.timeout)
     label = _human(parse_size(sz.boot_big))
     if "error" in r:
-        out.append(Figure(f"boot {label} host ({r['error']})", float("nan"), "s", None, None,
+        out.append(Figure(f"boot {label} host ({r['error']})", None, "s", None, None,
                           f"<= {sz.boot_big_time:g} s", False))
     else:
         out.append(Figure(f"boot {label} host (sanitizing included)", r["time"], "s", None, None,
@@ -447,7 +451,7 @@ def fig_boot(sz: Sizes) -> list[Figure]:
     r = _child(["boot", sz.boot_huge], sz.timeout)
     label = _human(parse_size(sz.boot_huge))
     if "error" in r:
-        out.append(Figure(f"boot {label} host ({r['error']})", float("nan"), "s", None, None, "boots", False))
+        out.append(Figure(f"boot {label} host ({r['error']})", None, "s", None, None, "boots", False))
     else:
         out.append(Figure(f"boot {label} host: time (peak RSS {_human(r['rss'])})", r["time"], "s", None, None,
                           "boots", True))
@@ -459,7 +463,7 @@ def fig_many_vms(sz: Sizes) -> list[Figure]:
     r = _child(["vms", host_epc, str(sz.vms), sz.vm_epc], sz.timeout)
     name = f"{sz.vms} VMs x {_human(parse_size(sz.vm_epc))} EPC: start (prealloc), run, kill"
     if "error" in r:
-        return [Figure(f"{name} ({r['error']})", float("nan"), "s", None, None, f"<= {sz.vms_time:g} s", False)]
+        return [Figure(f"{name} ({r['error']})", None, "s", None, None, f"<= {sz.vms_time:g} s", False)]
     return [Figure(name, r["time"], "s", None, None, f"<= {sz.vms_time:g} s", r["time"] <= sz.vms_time),
             Figure(f"  of which start {r['start']:.1f} s, run {r['run']:.1f} s, kill {r['kill']:.1f} s; peak RSS",
                    r["rss"], "bytes", None, None, "-", None)]
@@ -483,5 +487,9 @@ def run_bench(quick: bool = False, repeats: int | None = None,
     for fn in FIGURES:
         if progress is not None:
             progress(fn.__name__[4:])
-        figures.extend(fn(sz))
+        try:
+            figures.extend(fn(sz))
+        except Exception as e:                 # one broken figure must not hide the others
+            figures.append(Figure(f"{fn.__name__[4:].replace('_', ' ')}: {type(e).__name__}: {e}", None,
+                                  "", None, None, "error", False))
     return {"figures": [f.as_json() for f in figures], "_figures": figures}

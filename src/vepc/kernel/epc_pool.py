@@ -241,7 +241,7 @@ class EpcPool:
             h = node.head
             if h == node.tail:
                 return -1
-            page = int(node.ring[h % node.capacity])       # list_first_entry + list_del_init
+            page = node.ring.item(h % node.capacity)       # list_first_entry + list_del_init
             node.head = h + 1
             self.flags[page] = 0
             self.nr_free -= 1

@@ -71,6 +71,16 @@ def _q(pages: Iterable[int]) -> list[int]:
     return out
 
 
+def _kinds(kernel: "Kernel", owners: np.ndarray) -> np.ndarray:
+    """OwnerKind of each owner id; an id nothing holds (never registered, or unregistered) reads FREE."""
+    table = kernel.owners.kinds_table()
+    owners = np.asarray(owners, dtype=np.int64)
+    out = np.full(len(owners), OwnerKind.FREE, dtype=table.dtype)
+    inside = owners < len(table)
+    out[inside] = table[owners[inside]]
+    return out
+
+
 # -- address translation ----------------------------------------------------------------------------------
 def _silicon_index(kernel: "Kernel", processor: "Processor") -> np.ndarray:
     """Map every kernel page number to the processor's EPC page index, -1 where it has none.
@@ -136,50 +146,68 @@ def check(kernel: "Kernel", processor: "Processor | None" = None, idle: bool = F
     return v
 
 
+def _node_of_pages(pool, pages: np.ndarray) -> np.ndarray:
+    """The NUMA node of each page (its section's node)."""
+    firsts = np.array([s.first for s in pool.sections], dtype=np.int64)
+    nodes = np.array([s.node for s in pool.sections], dtype=np.int64)
+    return nodes[np.searchsorted(firsts, pages, side="right") - 1]
+
+
+def _membership(n: int, pages: np.ndarray, what: str, v: list[str]) -> np.ndarray:
+    """A mask of the pages on a list; a page on it twice (or out of range) is a violation."""
+    mask = np.zeros(n, dtype=bool)
+    if not len(pages):
+        return mask
+    bad = pages[(pages < 0) | (pages >= n)]
+    if len(bad):
+        v.append(f"{what} holds numbers that are not pages: {_q(bad)}")
+        pages = pages[(pages >= 0) & (pages < n)]
+    uniq, counts = np.unique(pages, return_counts=True)
+    if (counts > 1).any():
+        v.append(f"pages on {what} more than once: {_q(uniq[counts > 1])}")
+    mask[uniq] = True
+    return mask
+
+
 def _check_pool(kernel: "Kernel", v: list[str]) -> np.ndarray:
-    """The page states of main.c; returns how often each page sits on a free list."""
+    """The page states of main.c; returns the mask of pages on a free list."""
     pool = kernel.pool
     n = pool.nr_pages
     flags = pool.flags
-    on_free = np.zeros(n, dtype=np.int32)
-    on_poison = np.zeros(n, dtype=np.int32)
-    total_free = 0
+    free_parts, poison_parts = [], []
     for node in pool.nodes.values():
         if not 0 <= node.nr_free <= node.capacity:
             v.append(f"node {node.id}: free-list length {node.nr_free} outside 0..{node.capacity}")
             continue
         pages = node.free_pages().astype(np.int64)
-        np.add.at(on_free, pages, 1)
-        total_free += len(pages)
         poison = np.asarray(node.poison, dtype=np.int64)
-        np.add.at(on_poison, poison, 1)
-        wrong_node = [int(p) for p in pages if pool.node_of(int(p)) != node.id]
-        wrong_node += [int(p) for p in poison if pool.node_of(int(p)) != node.id]
-        if wrong_node:
-            v.append(f"pages {wrong_node[:_QUOTE]} on the free or poison list of node {node.id} belong to another node")
-    if total_free != pool.nr_free:
-        v.append(f"nr_free {pool.nr_free} != free-list length {total_free}")
-    twice = np.flatnonzero(on_free > 1)
-    if len(twice):
-        v.append(f"pages on a free list more than once: {_q(twice)}")
-    twice = np.flatnonzero(on_poison > 1)
-    if len(twice):
-        v.append(f"pages on a poison list more than once: {_q(twice)}")
+        both = np.concatenate((pages, poison))
+        both = both[(both >= 0) & (both < n)]
+        wrong = both[_node_of_pages(pool, both) != node.id] if len(both) else both
+        if len(wrong):
+            v.append(f"pages {_q(wrong)} on the free or poison list of node {node.id} belong to another node")
+        free_parts.append(pages)
+        poison_parts.append(poison)
+    all_free = np.concatenate(free_parts) if free_parts else np.zeros(0, dtype=np.int64)
+    if len(all_free) != pool.nr_free:
+        v.append(f"nr_free {pool.nr_free} != free-list length {len(all_free)}")
+    on_free = _membership(n, all_free, "a free list", v)
+    on_poison = _membership(n, np.concatenate(poison_parts) if poison_parts else np.zeros(0, dtype=np.int64),
+                            "a poison list", v)
     is_free = (flags & PAGE_IS_FREE) != 0
     poisoned = (flags & PAGE_POISON) != 0
     dirty = (flags & PAGE_DIRTY) != 0
-    bad = np.flatnonzero((on_free > 0) & poisoned)
+    bad = np.flatnonzero(on_free & poisoned)
     if len(bad):
         v.append(f"poisoned pages on a free list (they must never be reused): {_q(bad)}")
-    free_flag_mismatch = np.flatnonzero((on_free > 0) != (is_free & ~poisoned))
+    free_flag_mismatch = np.flatnonzero(on_free != (is_free & ~poisoned))
     if len(free_flag_mismatch):
         v.append(f"IS_FREE flag disagrees with free-list membership for pages {_q(free_flag_mismatch)}")
-    poison_mismatch = np.flatnonzero((on_poison > 0) != (is_free & poisoned))
+    poison_mismatch = np.flatnonzero(on_poison != (is_free & poisoned))
     if len(poison_mismatch):
         v.append(f"poison flag disagrees with poison-list membership for pages {_q(poison_mismatch)}")
     owned = pool.owner != 0
-    states = ((on_free > 0).astype(np.int8) + (on_poison > 0).astype(np.int8) + dirty.astype(np.int8)
-              + owned.astype(np.int8))
+    states = on_free.astype(np.int8) + on_poison.astype(np.int8) + dirty.astype(np.int8) + owned.astype(np.int8)
     bad = np.flatnonzero(states > 1)
     if len(bad):
         v.append(f"pages in more than one state: {_q(bad)}")
@@ -189,15 +217,18 @@ def _check_pool(kernel: "Kernel", v: list[str]) -> np.ndarray:
         v.append(f"pages in no state (leaked): {_q(untracked)}")
     # An owner id no registered object holds: the page outlived its owner (a leak), and the id may be
     # handed to a new owner that never allocated it.
-    dangling = np.flatnonzero(owned & (kernel.owners.kinds_table()[pool.owner] == OwnerKind.FREE))
+    dangling = np.flatnonzero(owned & (_kinds(kernel, pool.owner) == OwnerKind.FREE))
     if len(dangling):
         v.append(f"pages whose owner no longer exists (leaked): {_q(dangling)}")
-    # sgx_dirty_page_list and the DIRTY flag name the same pages.
-    dirty_list = np.asarray(list(pool.dirty) if not isinstance(pool.dirty, np.ndarray) else pool.dirty,
-                            dtype=np.int64)
-    on_dirty = np.zeros(n, dtype=np.int32)
-    np.add.at(on_dirty, dirty_list, 1)
-    bad = np.flatnonzero((on_dirty > 0) != dirty)
+    # sgx_dirty_page_list and the DIRTY flag name the same pages (a range at boot, a list after).
+    d = pool.dirty
+    if isinstance(d, range) and d.step == 1:
+        on_dirty = np.zeros(n, dtype=bool)
+        on_dirty[max(d.start, 0):min(d.stop, n)] = True
+    else:
+        on_dirty = _membership(n, np.asarray(d if isinstance(d, np.ndarray) else list(d), dtype=np.int64),
+                               "sgx_dirty_page_list", v)
+    bad = np.flatnonzero(on_dirty != dirty)
     if len(bad):
         v.append(f"DIRTY flag disagrees with sgx_dirty_page_list for pages {_q(bad)}")
     # sgx_active_page_list <-> SGX_EPC_PAGE_RECLAIMER_TRACKED, enclave pages only.
@@ -207,7 +238,7 @@ def _check_pool(kernel: "Kernel", v: list[str]) -> np.ndarray:
     if len(np.setxor1d(active, tracked)):
         v.append(f"reclaimer list and TRACKED flags disagree: pages {_q(np.setxor1d(active, tracked))}")
     if len(active):
-        kinds = kernel.owners.kinds_table()[pool.owner[active]]
+        kinds = _kinds(kernel, pool.owner[active])
         bad = active[kinds != OwnerKind.HOST_ENCLAVE]
         if len(bad):
             v.append(f"pages on the reclaimer's active list that are not enclave pages: {_q(bad)}")
@@ -219,7 +250,7 @@ def _check_vepc(kernel: "Kernel", v: list[str]) -> None:
     if kernel.vepc is None:
         return
     pool = kernel.pool
-    seen: set[int] = set()
+    parts = []
     for oid in range(1, len(kernel.owners)):
         obj = kernel.owners.get(oid)
         if getattr(obj, "owner_kind", None) != OwnerKind.VEPC:
@@ -228,20 +259,17 @@ def _check_vepc(kernel: "Kernel", v: list[str]) -> None:
         wrong = pages[pool.owner[pages] != oid]
         if len(wrong):
             v.append(f"vepc {oid} page array holds pages it does not own: {_q(wrong)}")
-        dup = set(pages.tolist()) & seen
-        if dup or len(set(pages.tolist())) != len(pages):
-            v.append(f"vepc {oid}: a page sits in two page-array slots: {_q(sorted(dup))}")
-        seen.update(pages.tolist())
+        parts.append(pages)
+    in_arrays = _membership(pool.nr_pages, np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64),
+                            "the vepc page arrays", v)
     for p in kernel.vepc.zombie_secs_pages:
         if pool.owner[p] != ZOMBIE.owner_id:
             v.append(f"zombie page {p} not owned by the zombie list")
     if len(set(kernel.vepc.zombie_secs_pages)) != len(kernel.vepc.zombie_secs_pages):
         v.append("a page is on the zombie list twice")
-    owned = pool.owner != 0
-    owned_vepc = np.flatnonzero(owned & (kernel.owners.kinds_table()[pool.owner] == OwnerKind.VEPC))
-    orphan = sorted(set(owned_vepc.tolist()) - seen)
-    if orphan:
-        v.append(f"pages owned by a vepc but in no page array: {orphan[:_QUOTE]}")
+    orphan = np.flatnonzero((pool.owner != 0) & (_kinds(kernel, pool.owner) == OwnerKind.VEPC) & ~in_arrays)
+    if len(orphan):
+        v.append(f"pages owned by a vepc but in no page array: {_q(orphan)}")
     zombies = set(kernel.vepc.zombie_secs_pages)
     owned_zombie = set(np.flatnonzero(pool.owner == ZOMBIE.owner_id).tolist())
     if owned_zombie - zombies:
@@ -278,7 +306,7 @@ def _check_enclaves(kernel: "Kernel", v: list[str]) -> None:
             referenced[page] = encl
             if entry is not None and entry is not encl.secs and drv.owner_of.get(page) is not entry:
                 v.append(f"enclave {encl.owner_id}: page {page} has the wrong epc_page->owner")
-    kinds = kernel.owners.kinds_table()[pool.owner]
+    kinds = _kinds(kernel, pool.owner)
     owned = np.flatnonzero((pool.owner != 0) & ((kinds == OwnerKind.HOST_ENCLAVE) | (kinds == OwnerKind.VA)))
     leaked = sorted(set(owned.tolist()) - set(referenced))
     if leaked:
@@ -294,7 +322,7 @@ def _check_epcm(kernel: "Kernel", processor: "Processor", sidx: np.ndarray, on_f
     f[mapped] = processor.epcm.flags[sidx[mapped]]
     valid = (f & VALID) != 0
     ptype = (f & PT_MASK) >> PT_SHIFT
-    valid_free = np.flatnonzero((on_free > 0) & valid)
+    valid_free = np.flatnonzero(on_free & valid)
     if len(valid_free):
         v.append(f"free pages still valid in the EPCM: {_q(valid_free)}")
     poison_listed = ((pool.flags & PAGE_POISON) != 0) & ((pool.flags & PAGE_IS_FREE) != 0)
@@ -351,7 +379,7 @@ def _check_vepc_enclaves(kernel: "Kernel", processor: "Processor", sidx: np.ndar
                          v: list[str]) -> None:
     """A valid child page in a vepc names a SECS held by the same processes (or on the zombie list)."""
     pool = kernel.pool
-    kinds = kernel.owners.kinds_table()[pool.owner]
+    kinds = _kinds(kernel, pool.owner)
     pages = np.flatnonzero((kinds == OwnerKind.VEPC) & (pool.owner != 0) & ((f & VALID) != 0) & (sidx >= 0))
     if not len(pages):
         return

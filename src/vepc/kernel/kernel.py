@@ -22,7 +22,7 @@ from vepc.arch.constants import (
 )
 from vepc.events import EventKind, EventLog
 from vepc.kernel.cpu import KernelCpu
-from vepc.kernel.epc_pool import PAGE_DIRTY, PAGE_POISON, EpcPool, KSection
+from vepc.kernel.epc_pool import PAGE_POISON, EpcPool, KSection
 from vepc.kernel.mm import File, FileOps, Process, os_error
 from vepc.kernel.owners import OwnerRegistry
 from vepc.kernel.provision import SgxProvision
@@ -245,8 +245,7 @@ class Kernel:
         for node in self.pool.nodes.values():
             self.sysfs[f"/sys/devices/system/node/node{node.id}/x86/sgx_total_bytes"] = str(node.size)
         # Every page starts on sgx_dirty_page_list, to be sanitized by ksgxd.
-        self.pool.flags[:] = PAGE_DIRTY
-        self.pool.dirty = list(range(self.pool.nr_pages))
+        self.pool.mark_all_dirty()
 
     # -- helpers used by the drivers -----------------------------------------------------------
     def eremove(self, page: int) -> int:

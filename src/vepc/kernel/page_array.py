@@ -41,8 +41,9 @@ class PageArray:
         self._a = new
 
     def load(self, index: int) -> int | None:
-        if index < len(self._a):
-            v = int(self._a[index])
+        a = self._a
+        if index < len(a):
+            v = a.item(index)
             if v:
                 return v - 1
         return None

@@ -63,7 +63,7 @@ class PteTable:
         a = self._a
         if a is None or not 0 <= i < self.n:
             return default
-        v = int(a[i])
+        v = a.item(i)
         return v - 1 if v else default
 
     def __getitem__(self, vpn: int) -> int:

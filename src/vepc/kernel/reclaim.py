@@ -4,9 +4,11 @@
 pages whose children blocked EREMOVE in the first). With the batch paths on (``batch_enabled``) a pass
 EREMOVEs a chunk of pages at a time through the CPU's ``eremove_batch`` and frees them with
 ``free_batch``; the effects, their order and the event totals are those of the page-by-page loop, also
-when an EREMOVE faults into the host midway (a guest whose EPC cannot be backed). ``run`` is the kthread body, executed at the model's
-scheduling points: while ``sgx_should_reclaim(SGX_NR_HIGH_PAGES)``, reclaim a batch. The batch itself,
-``reclaim_pages`` (``sgx_reclaim_pages``), lives with the enclave driver in :mod:`vepc.kernel.encl`.
+when an EREMOVE faults into the host midway (a guest whose EPC cannot be backed).
+
+``run`` is the kthread body, executed at the model's scheduling points: while
+``sgx_should_reclaim(SGX_NR_HIGH_PAGES)``, reclaim a batch. The batch itself, ``reclaim_pages``
+(``sgx_reclaim_pages``), lives with the enclave driver in :mod:`vepc.kernel.encl`.
 
 >>> # see tests/test_kernel_boot.py and tests/test_kernel_reclaim.py
 """

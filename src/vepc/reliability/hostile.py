@@ -19,7 +19,8 @@ another VM or of the host into this guest: :mod:`vepc.kernel.invariants` checks 
 Operations run in bursts, each one ``KVM_RUN`` slice: between bursts the host and other VMs run. On
 hardware every VM exit from enclave mode is an AEX, so a vCPU a guest left "inside" an enclave does not
 hold its logical processor while the host runs; :meth:`HostileGuest.vm_exit` makes that AEX happen at the
-end of a burst (the model does not do it by itself: see the reliability report, ``Vcpu.lp``).
+end of a burst. (The model does not do it by itself: ``Vcpu.lp`` is a host logical processor shared with
+the host kernel and other VMs; tests/test_reliability_hostile.py has the strict xfail that pins it.)
 
 >>> from vepc.reliability.world import World
 >>> w = World()
@@ -33,9 +34,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
-from typing import Callable
-
-from vepc.arch.constants import PAGE_SIZE, Attribute, Leaf, Msr, PageType
+from vepc.arch.constants import PAGE_SIZE, Attribute, Leaf, Msr, PageType, SgxReturn
 from vepc.arch.structs import EINITTOKEN_SIZE, Pageinfo, Secinfo, Secs, Tcs
 from vepc.kvm.errors import KvmExit, KvmRunError
 from vepc.reliability.enclaves import synthetic_enclave
@@ -70,12 +69,13 @@ class HostileGuest:
         self.known_tcs: list[int] = []
         self.known_va: list[int] = []
         self.known_pages: list[int] = []
-        self.ops: list[tuple[str, Callable[[], object]]] = []
+        #: child page guest-physical address -> (its SECS, its linear address) for pages built correctly.
+        self.children: dict[int, tuple[int, int]] = {}
         s = self.SCRATCH
         self.pageinfo, self.secinfo, self.pcmd, self.src = s, s + 0x100, s + 0x400, s + PAGE_SIZE
         self.sig, self.token = s + 2 * PAGE_SIZE, s + 3 * PAGE_SIZE
         top = max(r.base + r.size for r in qemu.layout.ram_regions)
-        if self.SCRATCH + 4 * PAGE_SIZE > top:
+        if self.SCRATCH + 5 * PAGE_SIZE > top:
             raise ValueError("the hostile guest needs at least 512 MiB of guest RAM for its scratch buffers")
 
     # -- operands ------------------------------------------------------------------------------------
@@ -207,6 +207,7 @@ class HostileGuest:
             if r:
                 return r
             (self.known_tcs if page.page_type == PageType.TCS else self.known_pages).append(gpa)
+            self.children[gpa] = (secs_gpa, base + page.offset)
             for chunk in page.chunk_order():
                 r = v.encls(Leaf.EEXTEND, secs_gpa, gpa + chunk * 256)
                 if r:
@@ -260,6 +261,41 @@ class HostileGuest:
         pi = self._pageinfo(v, linaddr=rng.choice([0, 0x401000]), secs=rng.choice([0, secs]), metadata=self.pcmd)
         return v.encls(leaf, pi, target, va)
 
+    def op_evict_reload(self, v) -> object:
+        """The paging protocol done right on a page of a built enclave (EBLOCK, ETRACK, EPA for a VA page,
+        EWB into guest RAM), then ELDU/ELDB back -- into another EPC page, maybe in the other section --
+        with a chance of a corrupted PCMD or a replayed VA slot."""
+        rng = self.rng
+        if not self.children:
+            return self.op_page_leaf(v)
+        page, (secs, lin) = rng.choice(sorted(self.children.items()))
+        r = v.encls(Leaf.EBLOCK, 0, page)
+        if r and r != SgxReturn.SGX_BLKSTATE:               # already blocked by an earlier attempt: go on
+            return r
+        r = v.encls(Leaf.ETRACK, 0, secs)
+        if r:
+            return r
+        va = self._epc_page()
+        r = v.encls(Leaf.EPA, PageType.VA, va)
+        if r:
+            return r
+        self.known_va.append(va)
+        slot = va + 8 * rng.randrange(512)
+        blob = self.SCRATCH + 4 * PAGE_SIZE
+        self._put(self.pageinfo, Pageinfo(0, blob, self.pcmd, 0).pack(), v)
+        r = v.encls(Leaf.EWB, self.pageinfo, page, slot)
+        if r:
+            return r
+        del self.children[page]
+        if rng.random() < 0.2:
+            self._put(self.pcmd + rng.randrange(128), bytes([rng.randrange(256)]), v)
+        dest = page if rng.random() < 0.5 else self._epc_page()
+        self._put(self.pageinfo, Pageinfo(lin, blob, self.pcmd, secs).pack(), v)
+        r = v.encls(rng.choice([Leaf.ELDU, Leaf.ELDB]), self.pageinfo, dest, slot)
+        if r == 0:
+            self.children[dest] = (secs, lin)
+        return r
+
     def op_msr(self, v) -> object:
         rng = self.rng
         msr = rng.choice([Msr.IA32_FEAT_CTL, Msr.IA32_SGXLEPUBKEYHASH0, Msr.IA32_SGXLEPUBKEYHASH3, 0x10, 0xC0000080])
@@ -279,7 +315,7 @@ class HostileGuest:
         return "ok"
 
     _OPS = (("random_encls", 3), ("ecreate", 3), ("eadd", 4), ("eextend", 1), ("einit_garbage", 1),
-            ("build_enclave", 2), ("eenter", 2), ("leave", 1), ("page_leaf", 5), ("msr", 1), ("memory", 1))
+            ("build_enclave", 2), ("evict_reload", 2), ("eenter", 2), ("leave", 1), ("page_leaf", 5), ("msr", 1), ("memory", 1))
 
     # -- driving -------------------------------------------------------------------------------------
     def step(self) -> str:
@@ -344,3 +380,4 @@ class HostileGuest:
         self.known_tcs.clear()
         self.known_va.clear()
         self.known_pages.clear()
+        self.children.clear()

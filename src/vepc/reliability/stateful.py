@@ -32,8 +32,8 @@ PROFILE = "vepc-reliability"
 #: The fuzz runner's profile (``max_examples`` is set per run).
 FUZZ_PROFILE = "vepc-fuzz"
 
-settings.register_profile(PROFILE, max_examples=int(os.environ.get("VEPC_RELIABILITY_EXAMPLES", "25")),
-                          stateful_step_count=30, deadline=None, print_blob=True,
+settings.register_profile(PROFILE, max_examples=int(os.environ.get("VEPC_RELIABILITY_EXAMPLES", "100")),
+                          stateful_step_count=40, deadline=None, print_blob=True,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                                  HealthCheck.filter_too_much])
 settings.register_profile(FUZZ_PROFILE, max_examples=1000, stateful_step_count=50, deadline=None, database=None,
@@ -104,10 +104,11 @@ class ReliabilityMachine(RuleBasedStateMachine):
           boot_guest=st.sampled_from([True, True, True, False]),
           kill_after=st.one_of(st.none(), st.none(), st.none(), st.integers(0, 40)),
           kill_on_sigbus=st.sampled_from([False, False, False, True]),
-          enclave_pages=st.sampled_from([0, 3, 12, 40]))
-    def start_vm(self, sections, smp, boot_guest, kill_after, kill_on_sigbus, enclave_pages):
+          enclave_pages=st.sampled_from([0, 3, 12, 40]),
+          cpu=st.sampled_from(["host", "host", "host,-sgx-provisionkey"]))
+    def start_vm(self, sections, smp, boot_guest, kill_after, kill_on_sigbus, enclave_pages, cpu):
         out = self.world.start_vm(sections, smp=smp, boot_guest=boot_guest, kill_after_touches=kill_after,
-                                  kill_on_sigbus=kill_on_sigbus)
+                                  kill_on_sigbus=kill_on_sigbus, cpu=cpu)
         if out == "running" and enclave_pages:
             # Most VMs get an enclave at once (a small first section makes it span both sections).
             out += ", " + self.world.guest_enclave(len(self.world.live_vms("running")) - 1, enclave_pages)
@@ -156,6 +157,12 @@ class ReliabilityMachine(RuleBasedStateMachine):
     @rule(i=_idx, go=_rarely)
     def vmm_munmap_epc(self, i, go):
         self._did("vmm_munmap_epc", self.world.vmm_munmap_epc(i) if go else "skipped")
+
+    @precondition(lambda self: self.world.live_vms("running"))
+    @rule(i=_idx, seed=st.integers(0, 1 << 16), n=st.integers(1, 12))
+    def hostile_burst(self, i, seed, n):
+        """The guest kernel of a VM turns hostile: random and malformed ENCLS (vepc.reliability.hostile)."""
+        self._did("hostile_burst", self.world.hostile_burst(i, seed, n))
 
     # -- processes, exhaustion, faults ------------------------------------------------------------
     @precondition(lambda self: self.world.processes())

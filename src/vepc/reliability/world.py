@@ -44,7 +44,7 @@ NUMA2 = ("-smp 2 -object memory-backend-ram,id=r0,size=256M -object memory-backe
          "-numa node,nodeid=0,cpus=0,memdev=r0 -numa node,nodeid=1,cpus=1,memdev=r1")
 
 
-def qemu_args(sections: list[tuple[int, bool, int]], smp: int = 1) -> str:
+def qemu_args(sections: list[tuple[int, bool, int]], smp: int = 1, cpu: str = "host") -> str:
     """QEMU options for EPC sections given as (KiB, prealloc, guest node); node 1 adds a 2-node NUMA
     topology (which implies two vCPUs)."""
     objs, ms = [], []
@@ -52,7 +52,7 @@ def qemu_args(sections: list[tuple[int, bool, int]], smp: int = 1) -> str:
         objs.append(f"-object memory-backend-epc,id=m{i},size={kib}K,prealloc={'on' if prealloc else 'off'}")
         ms.append(f"sgx-epc.{i}.memdev=m{i},sgx-epc.{i}.node={node}")
     numa = NUMA2 if any(node for _, _, node in sections) else (f"-smp {smp}" if smp > 1 else "")
-    return f"-m 512M -cpu host {' '.join(objs)} -M pc,{','.join(ms)} {numa}".strip()
+    return f"-m 512M -cpu {cpu} {' '.join(objs)} -M pc,{','.join(ms)} {numa}".strip()
 
 
 class eremove_race:
@@ -110,6 +110,9 @@ class VmRecord:
     boots: int = 0
     #: False once a hostile guest drives the vCPUs: its guest kernel's bookkeeping means nothing then.
     trusted: bool = True
+    #: True after a REMOVE_ALL behind the running guest's back, until the next reset reboots it.
+    stale: bool = False
+    hostile: object = None
 
 
 class World:
@@ -195,11 +198,11 @@ class World:
 
     # -- VMs -------------------------------------------------------------------------------------
     def start_vm(self, sections: list[tuple[int, bool, int]], *, smp: int = 1, boot_guest: bool = True,
-                 kill_after_touches: int | None = None, kill_on_sigbus: bool = False) -> str:
-        """Start a VM. ``kill_after_touches`` kills the VMM after that many prealloc touches,
+                 kill_after_touches: int | None = None, kill_on_sigbus: bool = False, cpu: str = "host") -> str:
+        """Start a VM. ``kill_after_touches`` kills the VMM after it touched that many pages in prealloc,
         ``kill_on_sigbus`` from the SIGBUS handler prealloc installs (a VMM killed mid-prealloc)."""
         self._vm_seq += 1
-        q = QemuVm(self.machine, qemu_args(sections, smp), name=f"vm{self._vm_seq}", boot_guest=boot_guest)
+        q = QemuVm(self.machine, qemu_args(sections, smp, cpu), name=f"vm{self._vm_seq}", boot_guest=boot_guest)
         rec = VmRecord(q)
         self.vms.append(rec)
         restore = None
@@ -231,12 +234,19 @@ class World:
             left = [kill_after]
 
             def touch_then_die(addr, length=1, write=True):
-                if left[0] is not None:
+                if left[0] is None:
+                    return touch(addr, length, write)
+                # Page by page (prealloc touches them in order, however many per call): die after the budget.
+                page = addr & ~(PAGE_SIZE - 1)
+                while page < addr + length:
                     if left[0] <= 0:
                         proc.kill()
                         return False
                     left[0] -= 1
-                return touch(addr, length, write)
+                    if not touch(page, 1, write):
+                        return False
+                    page += PAGE_SIZE
+                return True
 
             def sigaction_then_die(signo, handler):
                 if handler is not None and signo == signal.SIGBUS and kill_on_sigbus:
@@ -313,6 +323,7 @@ class World:
         if inside and q.state == VmState.RUNNING and rec.enclaves:
             entered = self.enter_guest_enclave(rec)
         rec.enclaves.clear()
+        rec.stale = False
         try:
             q.reset()
         except (KvmRunError, KvmExit):
@@ -391,11 +402,10 @@ class World:
             if race and valid:
                 raise AssertionError("REMOVE_ALL succeeded although EREMOVE of a valid page faulted")
             out.append(str(r))
-        # The guest's view of its EPC changed under it: its kernel is no longer consistent; reboot it
-        # the way QEMU would after the reset this belongs to.
+        # The guest's EPC changed under it: its kernel's bookkeeping is stale until the reset this
+        # REMOVE_ALL belongs to reboots it.
         rec.enclaves.clear()
-        if q.guest is not None and q.state == VmState.RUNNING:
-            q.guest = None
+        rec.stale = True
         return "remove_all " + ",".join(out)
 
     def vmm_munmap_epc(self, i: int) -> str:
@@ -416,7 +426,18 @@ class World:
         rec = self.vms[i]
         rec.trusted = False
         rec.enclaves.clear()
-        return HostileGuest(rec.qemu, seed)
+        if rec.hostile is None:
+            rec.hostile = HostileGuest(rec.qemu, seed)
+        return rec.hostile
+
+    def hostile_burst(self, i: int, seed: int, n: int) -> str:
+        """A running VM's guest turns hostile for one KVM_RUN slice of ``n`` random ENCLS operations."""
+        live = self.live_vms(VmState.RUNNING)
+        rec = self._pick(live, i)
+        if rec is None:
+            return "none"
+        out = self.hostile(self.vms.index(rec), seed).burst(n)
+        return ",".join(sorted(out))
 
     # -- processes -----------------------------------------------------------------------------------
     def fork(self, i: int) -> str:
@@ -497,8 +518,10 @@ class World:
         v = check_invariants(self.kernel, self.processor)
         for rec in self.live_vms(VmState.RUNNING):
             g = rec.qemu.guest
-            if g is not None and rec.trusted:
+            if g is not None and rec.trusted and not rec.stale:
                 v += [f"guest {rec.qemu.name}: {x}" for x in check_invariants(g, self.processor)]
+                v += [f"guest {rec.qemu.name} WARN: {line}" for line in g.dmesg
+                      if "WARN" in line or "EREMOVE returned" in line]
         pool = self.pool
         for page, oid in self.poisoned.items():
             cur = int(pool.owner[page])
@@ -507,6 +530,7 @@ class World:
             elif cur not in (0, oid):
                 v.append(f"poisoned page {page} was handed out again (owner {oid} -> {cur})")
         v += [f"host WARN: {line}" for line in self.kernel.dmesg if "WARN" in line or "EREMOVE returned" in line]
+        v += self.provisioning_violations()
         for app in self.live_apps():
             encl = app.proc.file(app.enclave.fd).private_data
             if not encl.initialized or encl.released:
@@ -516,6 +540,31 @@ class World:
                 st = self.processor.enclaves.get(self.processor.layout.index_of(pool.phys_addr(secs)))
                 if st is None or st.mrenclave != app.mrenclave:
                     v.append(f"host enclave of {app.proc.name}[{app.proc.pid}]: its SECS lost the enclave")
+        return v
+
+    def provisioning_violations(self) -> list[str]:
+        """PROVISIONKEY is a security boundary: a VM whose VMM was not granted KVM_CAP_SGX_ATTRIBUTE (an
+        fd of /dev/sgx_provision) must never hold an enclave with ATTRIBUTES.PROVISIONKEY (KVM's
+        __handle_encls_ecreate injects #GP; reference §4.2, §4.8)."""
+        from vepc.arch.constants import Attribute
+        from vepc.kernel.owners import OwnerKind
+
+        v = []
+        procs = self.processor
+        for rec in self.live_vms():
+            q = rec.qemu
+            if q.vm is None or q.vm.sgx_provisioning_allowed:
+                continue
+            for b in q.backends.values():
+                obj = q.proc.fds.get(b.fd)
+                vepc = obj.private_data if obj is not None else None
+                if getattr(vepc, "owner_kind", None) != OwnerKind.VEPC:
+                    continue
+                for page in vepc.page_array.pages().tolist():
+                    st = procs.enclaves.get(procs.layout.index_of(self.pool.phys_addr(page)))
+                    if st is not None and st.attributes & Attribute.PROVISIONKEY:
+                        v.append(f"VM {q.name} has no PROVISIONKEY capability but holds a PROVISIONKEY enclave "
+                                 f"(SECS page {page})")
         return v
 
     def teardown(self) -> list[str]:
