@@ -157,7 +157,7 @@ def test_unknown_memdev_is_qemus_missing_link_target():
 
 
 def test_memdev_of_the_wrong_type():
-    e = qemu_error(f"-cpu host -object memory-backend-ram,id=r0,size=64M -M sgx-epc.0.memdev=r0,sgx-epc.0.node=0")
+    e = qemu_error("-cpu host -object memory-backend-ram,id=r0,size=64M -M sgx-epc.0.memdev=r0,sgx-epc.0.node=0")
     assert str(e) == "qemu-system-x86_64: Invalid parameter type for 'memdev', expected: memory-backend-epc"
 
 

@@ -13,11 +13,12 @@ import os
 import sys
 
 import click
+from typing import NoReturn
 
 __all__ = ["register", "enclave"]
 
 
-def _fail(where: str, problem: str) -> "NoReturn":  # type: ignore[name-defined]
+def _fail(where: str, problem: str) -> NoReturn:
     click.echo(f"vepc: {where}: {problem}", err=True)
     sys.exit(2)
 

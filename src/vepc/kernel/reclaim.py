@@ -49,24 +49,29 @@ class Ksgxd:
         """``__sgx_sanitize_pages``: poisoned pages to the poison list, EREMOVE the rest; keep failures."""
         if batch_enabled(self.kernel, len(dirty)):
             return self._sanitize_pass_batch(dirty, pass_no)
-        pool = self.pool
         left: list[int] = []
         freed = 0
         if isinstance(dirty, np.ndarray):
             dirty = dirty.tolist()
         for page in dirty:
-            pool.flags[page] &= 0xFF ^ PAGE_DIRTY
-            if pool.flags[page] & PAGE_POISON:
-                pool.free(page)          # a poisoned page goes to the poison list, never a free list
-                continue
-            if self.kernel.eremove(page) == 0:
-                pool.free(page)
-                freed += 1
-            else:
-                pool.flags[page] |= PAGE_DIRTY
-                left.append(page)
+            freed += self._sanitize_page(page, left)
         self.kernel.events.emit(EventKind.EPC_SANITIZE, count=freed, arg=pass_no, arg2=len(left))
         return left
+
+    def _sanitize_page(self, page: int, left: list[int]) -> int:
+        """One page of ``__sgx_sanitize_pages``: a poisoned page goes to the poison list (never a free
+        list); otherwise EREMOVE, then free it, or keep it on ``left``. Returns 1 if EREMOVE freed it."""
+        pool = self.pool
+        pool.flags[page] &= 0xFF ^ PAGE_DIRTY
+        if pool.flags[page] & PAGE_POISON:
+            pool.free(page)
+            return 0
+        if self.kernel.eremove(page) == 0:
+            pool.free(page)
+            return 1
+        pool.flags[page] |= PAGE_DIRTY
+        left.append(page)
+        return 0
 
     def _sanitize_pass_batch(self, dirty, pass_no: int) -> list[int]:
         """The same pass, a chunk of the dirty list at a time."""
@@ -137,14 +142,7 @@ class Ksgxd:
                 at = ci if cand_pos is None else int(cand_pos[ci])
                 freed += apply(at, np.zeros(0, dtype=np.int64))
                 pos = at
-                page = int(cand[ci])
-                pool.flags[page] &= 0xFF ^ PAGE_DIRTY
-                if self.kernel.eremove(page) == 0:
-                    pool.free(page)
-                    freed += 1
-                else:
-                    pool.flags[page] |= PAGE_DIRTY
-                    left.append(page)
+                freed += self._sanitize_page(int(cand[ci]), left)
                 pos += 1
                 ci += 1
         freed += apply(n, np.zeros(0, dtype=np.int64))          # trailing poisoned pages

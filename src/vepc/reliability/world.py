@@ -34,11 +34,7 @@ from vepc.silicon.leaves.common import check_aligned, epc_operand
 from vepc.vmm.errors import QemuError
 from vepc.vmm.qemu import QemuVm, VmState, host_kvm
 
-__all__ = ["World", "VmRecord", "HostApp", "qemu_args", "eremove_race", "EXPECTED"]
-
-#: What a well-formed operation may legitimately end in: an errno (OSError, including a failed
-#: KVM_RUN), QEMU's fatal error, or an exit KVM hands to QEMU.
-EXPECTED = (OSError, QemuError, KvmExit)
+__all__ = ["World", "VmRecord", "HostApp", "qemu_args", "eremove_race"]
 
 NUMA2 = ("-smp 2 -object memory-backend-ram,id=r0,size=256M -object memory-backend-ram,id=r1,size=256M "
          "-numa node,nodeid=0,cpus=0,memdev=r0 -numa node,nodeid=1,cpus=1,memdev=r1")
@@ -128,7 +124,7 @@ class World:
         self.apps: list[HostApp] = []
         self.vms: list[VmRecord] = []
         self.others: list[Process] = []            # forked children and EPC hogs
-        #: EPC page -> owner id when it was poisoned in use (it may only stay there or be quarantined).
+        #: EPC page -> its owner id when poisoned (0 if free): it may only stay there or be quarantined.
         self.poisoned: dict[int, int] = {}
         self.checks = 0
         self._vm_seq = 0
@@ -505,8 +501,8 @@ class World:
             assert victim.signals[sigs:sigs + 1] == [(signal.SIGBUS, pfn << PAGE_SHIFT)], "no SIGBUS for MF_ACTION_REQUIRED"
         if already:
             return "already poisoned"
-        if not was_free and pool.owner[page]:
-            self.poisoned[page] = int(pool.owner[page])
+        # Free: it must stay unowned forever. In use: it stays with its owner until quarantined.
+        self.poisoned[page] = int(pool.owner[page])
         return "poisoned free" if was_free else "poisoned in use"
 
     # -- checks ----------------------------------------------------------------------------------------
