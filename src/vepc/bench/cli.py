@@ -80,15 +80,13 @@ def bench(as_json: bool, quick: bool, repeat: int | None) -> None:
 
 def _add_real_kvm(result: dict, quick: bool, repeat: int | None, progress) -> None:
     """The [Real KVM] figures (a real guest's page faults served by the model's vepc fault path), where
-    this machine's /dev/kvm can run a guest; one informative line saying why not otherwise."""
+    this machine's /dev/kvm can run a guest (otherwise the progress line says why they are missing)."""
     from vepc.bench.figures import Figure
     from vepc.realkvm import realkvm_usable
 
     ok, why = realkvm_usable()
     if not ok:
-        fig = Figure(f"real KVM guest figures (skipped: {why})", None, "", None, None, "-")
-        result["_figures"].append(fig)
-        result["figures"].append(fig.as_json())
+        progress(f"real KVM guest figures skipped: {why}")
         return
     from vepc.realkvm.bench import run_bench as real_kvm_bench
 
@@ -96,7 +94,7 @@ def _add_real_kvm(result: dict, quick: bool, repeat: int | None, progress) -> No
     for d in real_kvm_bench(1024 if quick else 4096, repeat or (1 if quick else 5)):
         goal = d["goal"]
         met = None if goal is None else d["ratio"] >= goal
-        fig = Figure(d["name"], d["value"], d["unit"], d["limit"], d["ratio"],
+        fig = Figure(d["name"], d["value"], d["unit"], d["limit"], d["value"] / d["limit"],
                      "-" if goal is None else f">= {goal}x", met)
         result["_figures"].append(fig)
         result["figures"].append(fig.as_json())
