@@ -256,3 +256,23 @@ def test_query_sgx_and_info_sgx_have_qemus_field_names():
     assert caps["sections"] == [{"node": 0, "size": 64 * MB}, {"node": 1, "size": 64 * MB}]
     assert "NUMA node #1: size=4194304" in vm.info_sgx()
     vm.kill()
+
+
+def test_guest_kernel_reclaims_its_own_enclave_pages_inside_its_virtual_epc(key):
+    """Under pressure in the guest, the guest's ksgxd EWBs its enclave pages (EBLOCK/ETRACK/EWB run
+    natively on vepc pages) into guest RAM; the host's vepc pages stay allocated and unreclaimed."""
+    host = Machine.build(epc=["64M@0"])
+    vm = QemuVm(host, epc_args(("1M", False, 0)), name="small").start()      # 256 guest EPC pages
+    committed = vm.epc_committed_bytes()
+    img, sig = synthetic(key, pages=7)                                      # 7 pages + SECS + VA each
+    apps = []
+    for i in range(40):                                                     # 360 pages wanted
+        app = vm.guest.spawn(f"app{i}")
+        apps.append(vm.guest_call(load_enclave, vm.guest, app, img, sig))
+    guest_ewb = [e for e in host.events if e.kind == EventKind.RECLAIM_EWB]
+    assert guest_ewb                                                        # the guest swapped pages out
+    assert vm.epc_committed_bytes() == committed == 1 * MB                   # VM pages: never reclaimed
+    assert host.kernel.pool.counts()["host_enclave"] == 0
+    assert_ok(host.kernel, host.processor)
+    vm.kill()
+    assert_ok(host.kernel, host.processor, idle=True)
