@@ -169,9 +169,6 @@ def test_vms_started_and_killed_from_different_threads():
 
 
 # -- missing locks, forced ------------------------------------------------------------------------------------
-@pytest.mark.xfail(strict=True, reason="model lacks a lock: Kernel.spawn reads and bumps _next_pid without one (Linux: "
-                   "alloc_pid under pidmap_lock / idr_alloc_cyclic); two processes spawned at once get the same "
-                   "pid and one of them vanishes from kernel.processes. Fix in vepc/kernel/kernel.py.")
 def test_processes_spawned_at_once_get_distinct_pids(monkeypatch):
     import vepc.kernel.kernel as kmod
 
@@ -191,9 +188,6 @@ def test_processes_spawned_at_once_get_distinct_pids(monkeypatch):
     assert len(m.kernel.processes) == 2
 
 
-@pytest.mark.xfail(strict=True, reason="model lacks a lock: host_kvm() creates the host's Kvm without one; two VMMs "
-                   "starting at once get two KVM modules, and the VMs of one are invisible to kernel.kvm (and to the "
-                   "EPT invariants). Fix in vepc/vmm/qemu.py host_kvm (a lock around the check and the creation).")
 def test_vmms_starting_at_once_share_one_kvm(monkeypatch):
     import vepc.vmm.qemu as qmod
 
@@ -212,11 +206,6 @@ def test_vmms_starting_at_once_share_one_kvm(monkeypatch):
     assert got[0] is got[1] is m.kernel.kvm
 
 
-@pytest.mark.xfail(strict=True, reason="model lacks per-exit buffers: KVM's ECREATE/EINIT emulation copies every VM's "
-                   "operands into the same three host pages (Kvm.scratch) outside any lock; two VMs' ECREATE exits at "
-                   "once make one VM's enclave from the other VM's SECS (a cross-VM leak). Upstream "
-                   "__handle_encls_ecreate copies into a page it allocates per exit and keeps PAGEINFO on the stack. "
-                   "Fix in vepc/kvm/sgx.py (per-call buffers, or a lock held from the copy to the ENCLS).")
 def test_concurrent_ecreate_exits_of_two_vms_do_not_share_operands(monkeypatch):
     import vepc.kvm.sgx as ksgx
 
@@ -246,12 +235,6 @@ def test_concurrent_ecreate_exits_of_two_vms_do_not_share_operands(monkeypatch):
     assert bases == [0x10000, 0x40000]
 
 
-@pytest.mark.xfail(strict=True, reason="model lacks a lock: EpcPool.nr_free (sgx_nr_free_pages) is read-modify-written "
-                   "under whichever node's lock the caller holds (and outside any lock in the batch paths), the bug "
-                   "upstream fixed with atomic_long_t in ac5d272a0ad0 'x86/sgx: Fix free page accounting'. Under "
-                   "CPython's GIL the update happens to be atomic today; the forced interleaving shows the lost "
-                   "update. Fix in vepc/kernel/epc_pool.py: a pool-wide lock (or an atomic counter) for nr_free, or "
-                   "derive it from the nodes' ring lengths.")
 def test_allocations_on_two_nodes_at_once_keep_the_free_count():
     m = Machine.build(epc=["256K@0", "256K@1"])
     k, pool = m.kernel, m.kernel.pool

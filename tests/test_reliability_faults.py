@@ -119,12 +119,6 @@ def test_qemu_reset_racing_an_eremove_ignores_ebusy_and_the_next_reset_cleans_up
     done(w)
 
 
-@pytest.mark.xfail(strict=True, reason="model defect: a page leaked by a failed EREMOVE (sgx_encl_free_epc_page WARNs "
-                   "and keeps it) outside the enclave's lists -- here the VA page of a failed EPA in sgx_alloc_va_page "
-                   "-- keeps the enclave's owner id, but sgx_encl_release unregisters that id (its 'leaked' flag only "
-                   "looks at page_array, the SECS and va_pages); the id is then handed to the next owner, a vepc, "
-                   "which appears to own a page it never allocated. Fix in vepc/kernel/encl.py encl_release: decide "
-                   "'leaked' from the pool (any page whose owner is encl.owner_id or encl.va_owner.owner_id).")
 def test_a_page_leaked_by_a_failed_eremove_keeps_an_owner_id_nobody_else_gets():
     w = World()
     leaves = w.processor.leaves

@@ -860,6 +860,10 @@ class EnclaveDriver(FileOps):
         encl.young.clear()
         if encl in self.enclaves:
             self.enclaves.remove(encl)
+        # A page kept by a failed EREMOVE anywhere (not only in the lists above, e.g. a VA page whose EPA
+        # failed in sgx_alloc_va_page) still names this enclave: its owner ids must never be reused.
+        owners = self.pool.owner
+        leaked |= bool(((owners == encl.owner_id) | (owners == encl.va_owner.owner_id)).any())
         self.events.emit(EventKind.ENCL_RELEASE, owner=encl.owner_id, arg=int(leaked))
         if not leaked:
             self.kernel.owners.unregister(encl)

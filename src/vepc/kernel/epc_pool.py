@@ -171,6 +171,9 @@ class EpcPool:
         self.active: OrderedDict[int, None] = OrderedDict()
         self.reclaimer_lock = threading.RLock()
         self.nr_free = 0
+        #: sgx_nr_free_pages is an atomic_long_t upstream (ac5d272a0ad0): one lock for the count, whatever
+        #: node lock the caller holds.
+        self._free_count_lock = threading.Lock()
         #: Set by the kernel: ``reclaim_pages()`` and ``wake_ksgxd()`` of the reclaimer, ``signal_pending()``.
         self.reclaim_pages = lambda: None
         self.wake_ksgxd = lambda: None
@@ -244,7 +247,7 @@ class EpcPool:
             page = node.ring.item(h % node.capacity)       # list_first_entry + list_del_init
             node.head = h + 1
             self.flags[page] = 0
-            self.nr_free -= 1
+            self.account_free(-1)
             return page
 
     def _alloc_any(self, current_node: int) -> int:
@@ -258,6 +261,11 @@ class EpcPool:
             nid = self._next_node_in(nid)
             if nid == nid_start:
                 return -1
+
+    def account_free(self, delta: int) -> None:
+        """``atomic_long_add(delta, &sgx_nr_free_pages)``."""
+        with self._free_count_lock:
+            self.nr_free += delta
 
     def should_reclaim(self, watermark: int) -> bool:
         """``sgx_should_reclaim``: free pages below the watermark and something to reclaim."""
@@ -321,7 +329,7 @@ class EpcPool:
         rows = slice(*run) if run is not None else pages
         self.flags[rows] = 0
         self.owner[rows] = oid
-        self.nr_free -= len(pages)
+        self.account_free(-len(pages))
         self.events.emit(EventKind.EPC_ALLOC, owner=oid, page=int(pages[0]), count=len(pages))
         # alloc() checks the watermark after every allocation; free pages only went down and the active
         # list did not change, so the condition held after some allocation iff it holds after the last.
@@ -386,7 +394,7 @@ class EpcPool:
                     with nd.lock:
                         nd.push_many(sel)
         self.flags[sl] = PAGE_IS_FREE
-        self.nr_free += len(arr)
+        self.account_free(len(arr))
         self.events.emit(EventKind.EPC_FREE, owner=oid, page=int(arr[0]), count=len(arr))
 
     def free(self, page: int) -> None:
@@ -405,7 +413,7 @@ class EpcPool:
                 return
             node.push(page)
             self.flags[page] = PAGE_IS_FREE
-            self.nr_free += 1
+            self.account_free(1)
         self.events.emit(EventKind.EPC_FREE, owner=oid, page=page)
 
     def set_owner(self, page: int, owner: object | None) -> None:

@@ -13,6 +13,7 @@ a KVM vCPU); nothing here knows which.
 from __future__ import annotations
 
 import errno
+import threading
 from dataclasses import dataclass
 from typing import Callable
 
@@ -73,6 +74,7 @@ class Kernel:
         self.devices: dict[str, FileOps] = {}
         self.processes: dict[int, Process] = {}
         self._next_pid = 1
+        self._pid_lock = threading.Lock()
         self._warned: set[str] = set()
         self.pool: EpcPool | None = None
         self.vepc = None
@@ -125,10 +127,12 @@ class Kernel:
 
     # -- processes and files -------------------------------------------------------------------
     def spawn(self, name: str = "proc", node: int | None = None) -> Process:
-        proc = Process(self, self._next_pid, name)
+        # alloc_pid: the pid and the registration under one lock.
+        with self._pid_lock:
+            proc = Process(self, self._next_pid, name)
+            self._next_pid += 1
+            self.processes[proc.pid] = proc
         proc.node = self.cpu.node if node is None else node
-        self.processes[proc.pid] = proc
-        self._next_pid += 1
         return proc
 
     def open_file(self, path: str) -> File:

@@ -92,7 +92,7 @@ def arch_memory_failure(kernel: "Kernel", pfn: int, flags: int) -> int:
         if moved:
             # list_move(&page->list, &node->sgx_poison_page_list)
             if _ring_remove(node, page):
-                pool.nr_free -= 1
+                pool.account_free(-1)
             node.poison.append(page)
     if moved:
         kernel.printk(f"sgx: memory failure at pfn {pfn:#x}: free EPC page {page} quarantined")

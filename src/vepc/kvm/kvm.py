@@ -12,7 +12,7 @@ import errno
 from typing import TYPE_CHECKING
 
 from vepc.arch.constants import (
-    CPUID_7_EBX_SGX, CPUID_7_ECX_SGX_LC, INTEL_DEFAULT_LE_HASH, KVM_CAP_SGX_ATTRIBUTE, PAGE_SHIFT,
+    CPUID_7_EBX_SGX, CPUID_7_ECX_SGX_LC, INTEL_DEFAULT_LE_HASH, KVM_CAP_SGX_ATTRIBUTE,
     SGX_ATTR_PRIV_MASK, SGX_ATTR_UNPRIV_MASK, SGX_MISC_EXINFO, Attribute, Cpuid12Eax, Msr,
 )
 from vepc.kernel.mm import File, Process
@@ -38,8 +38,6 @@ class Kvm:
         self.host_sgx_lc = bool(f.get("sgx_lc", False))
         self.host_sgx2 = bool(self.processor.cpuid(0x12, 0)[0] & Cpuid12Eax.SGX2) if self.enable_sgx else False
         self.default_lehash = self._default_lehash()
-        #: Host kernel pages KVM uses to copy guest operands (the kernel page of __handle_encls_ecreate).
-        self.scratch = [host.ram.alloc() << PAGE_SHIFT for _ in range(3)]
         self.vms: list[Vm] = []
 
     def _default_lehash(self) -> tuple[int, int, int, int]:

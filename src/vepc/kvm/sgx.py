@@ -178,7 +178,7 @@ def handle_encls_ecreate(vcpu: "Vcpu", rbx: int, rcx: int) -> int:
     if size >= 1 << max_log2:
         raise GeneralProtection(reason="ECREATE: enclave larger than CPUID.0x12.0:EDX allows")
     # sgx_virt_ecreate: PAGEINFO in a kernel buffer, SRCPGE = the kernel copy, SECS through the VMM's mapping.
-    pi_buf, src_buf, meta_buf = vcpu.kvm.scratch
+    pi_buf, src_buf, meta_buf = vcpu.exit_pages
     mem = vcpu.kvm.processor.memory
     mem.write(src_buf, contents)
     mem.write(meta_buf, secinfo)
@@ -202,7 +202,7 @@ def handle_encls_einit(vcpu: "Vcpu", rbx: int, rcx: int, rdx: int) -> int:
     sig = _read_guest(vcpu, sig_gva, SIGSTRUCT_SIZE)
     token = _read_guest(vcpu, token_gva, EINITTOKEN_SIZE)
     secs_hva = _gpa_to_hva(vcpu, secs_gva)
-    pi_buf, src_buf, meta_buf = vcpu.kvm.scratch
+    pi_buf, src_buf, meta_buf = vcpu.exit_pages
     mem = vcpu.kvm.processor.memory
     mem.write(src_buf, sig)
     mem.write(meta_buf, token)

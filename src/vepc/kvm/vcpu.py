@@ -39,7 +39,16 @@ class Vcpu:
         self.feature_control = 0
         self.lehash = list(self.kvm.default_lehash)
         self.paging = True
+        #: Host kernel pages for the operands of this vCPU's ECREATE/EINIT exits (upstream allocates a page
+        #: per exit and keeps PAGEINFO on the stack: never shared between vCPUs or VMs).
+        self.exit_pages = [self.kvm.host.ram.alloc() << PAGE_SHIFT for _ in range(3)]
         vm.vcpus.append(self)
+
+    def release(self) -> None:
+        """Free the vCPU's exit pages (KVM_CREATE_VCPU's fd closed with the VM)."""
+        for addr in self.exit_pages:
+            self.kvm.host.ram.free(addr >> PAGE_SHIFT)
+        self.exit_pages = []
 
     def put_lp(self) -> None:
         """Leave any enclave the vCPU was running in (its thread is gone)."""

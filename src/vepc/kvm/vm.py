@@ -262,3 +262,4 @@ class Vm:
             self.vmm.mmu_notifiers.remove(self.invalidate_hva_range)
         for v in self.vcpus:
             v.put_lp()
+            v.release()

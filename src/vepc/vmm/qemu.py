@@ -24,6 +24,7 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import threading
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -44,6 +45,7 @@ RETRY_NUM = 2
 #: The guest kernel's RAM allocator range (guest-physical); the rest of guest RAM is never touched.
 GUEST_KERNEL_RAM_BASE = 0x100000
 GUEST_KERNEL_RAM_MAX = 256 << 20
+_KVM_LOCK = threading.Lock()
 
 
 class VmState:
@@ -56,9 +58,10 @@ class VmState:
 def host_kvm(host) -> Kvm:
     """The KVM module of a model host (one per host kernel)."""
     kernel = host.kernel if hasattr(host, "kernel") else host
-    kvm = getattr(kernel, "kvm", None)
-    if kvm is None:
-        kvm = kernel.kvm = Kvm(kernel)
+    with _KVM_LOCK:
+        kvm = getattr(kernel, "kvm", None)
+        if kvm is None:
+            kvm = kernel.kvm = Kvm(kernel)
     return kvm
 
 
@@ -242,6 +245,11 @@ class QemuVm:
             self._fail(f"error: {e}")
             self.events.emit(EventKind.VM_STOP, text=self.name)
             raise
+        finally:
+            # KVM_RUN returns to the VMM: a vCPU that was in enclave mode took an AEX on the way out, so
+            # the host logical processor it ran on is free for the host and other VMs.
+            for v in self.vcpus:
+                v.put_lp()
 
     def touch_epc(self, nbytes: int, vcpu: int = 0) -> None:
         """Guest code reads one byte of each page of its first ``nbytes`` of EPC (in section order)."""
