@@ -36,3 +36,12 @@ class FormatError(ValueError):
     def from_os_error(cls, path: str | os.PathLike[str], err: OSError) -> "FormatError":
         """``cannot read: No such file or directory`` and the like, from an :class:`OSError`."""
         return cls(path, f"cannot access: {err.strerror or err}")
+
+
+def read_input(path) -> bytes:
+    """The bytes of ``path``; a missing or unreadable file is a :class:`FormatError` naming it."""
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise FormatError.from_os_error(path, e) from None

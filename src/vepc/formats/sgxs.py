@@ -30,7 +30,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from vepc.arch.constants import PAGE_SIZE, SECINFO_RESERVED_MASK, SGX_EEXTEND_BLOCK_SIZE, PageType
-from vepc.formats.errors import FormatError
+from vepc.formats.errors import FormatError, read_input
 
 __all__ = [
     "TAG_ECREATE", "TAG_EADD", "TAG_EEXTEND", "TAG_UNSIZED", "TAG_UNMEASRD", "BLOB_SIZE", "CHUNK_SIZE",
@@ -304,12 +304,7 @@ def read_sgxs(path: str | os.PathLike[str]) -> SgxsImage:
     ...
     vepc.formats.errors.FormatError: /nonexistent.sgxs: cannot access: No such file or directory
     """
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        raise FormatError.from_os_error(path, e) from None
-    return parse_sgxs(data, source=path)
+    return parse_sgxs(read_input(path), source=path)
 
 
 # --- measuring ---------------------------------------------------------------------------------------------

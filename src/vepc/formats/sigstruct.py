@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from vepc.arch.constants import SGX_MODULUS_SIZE, SIGSTRUCT_EXPONENT, SIGSTRUCT_HEADER1, SIGSTRUCT_HEADER2
 from vepc.arch.structs import SIGSTRUCT_SIZE, Sigstruct
-from vepc.formats.errors import FormatError
+from vepc.formats.errors import FormatError, read_input
 
 __all__ = ["parse_sigstruct", "read_sigstruct", "write_sigstruct", "mrsigner", "verify_signature",
            "signature_checks", "describe", "DESCRIBE_KEYS"]
@@ -69,12 +69,7 @@ def read_sigstruct(path: str | os.PathLike[str]) -> Sigstruct:
     ...
     vepc.formats.errors.FormatError: /nonexistent.sig: cannot access: No such file or directory
     """
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except OSError as e:
-        raise FormatError.from_os_error(path, e) from None
-    return parse_sigstruct(raw, source=path)
+    return parse_sigstruct(read_input(path), source=path)
 
 
 def write_sigstruct(path: str | os.PathLike[str], sig: Sigstruct) -> None:

@@ -453,19 +453,18 @@ class ScenarioRunner:
         return f"{committed >> 20} MiB of host EPC committed{guest}"
 
     def _do_shutdown(self, step: Step) -> str:
-        rt, q = self._vm(step, running=False)
-        if q is None or q.proc is None or not q.proc.alive:
-            raise StepFailure(f"VM {step.vm} is not running ({self.result.vm_state(step.vm)})")
-        seq = len(self.machine.events)
-        q.shutdown()
-        return self._release_detail(seq)
+        return self._end_vm(step, "shutdown")
 
     def _do_kill(self, step: Step) -> str:
+        return self._end_vm(step, "kill")
+
+    def _end_vm(self, step: Step, how: str) -> str:
+        """QEMU exits (``shutdown``) or is killed (``kill``); its descriptors' release frees the EPC."""
         rt, q = self._vm(step, running=False)
         if q is None or q.proc is None or not q.proc.alive:
             raise StepFailure(f"VM {step.vm} is not running ({self.result.vm_state(step.vm)})")
         seq = len(self.machine.events)
-        q.kill()
+        getattr(q, how)()
         return self._release_detail(seq)
 
     def _release_detail(self, seq: int) -> str:
