@@ -412,3 +412,18 @@ def test_no_vmx_means_no_sgx_vepc_device():
     assert e.value.errno == errno.ENOENT
     assert proc.open("/dev/sgx_enclave") >= 0
     check(m)
+
+
+def test_vepc_pages_come_from_the_faulting_tasks_numa_node_first():
+    """__sgx_alloc_epc_page starts at numa_node_id() of the CPU that faults (reference §6, NUMA)."""
+    m = host(epc=("1M@0", "1M@1"))
+    pool = m.kernel.pool
+    for node in (1, 0):
+        proc = m.kernel.spawn(f"qemu-node{node}", node=node)
+        fd = proc.open("/dev/sgx_vepc")
+        addr = proc.mmap(MB, fd=fd)
+        assert proc.touch(addr, 8 * 4096)
+        pages = proc.file(fd).private_data.page_array.pages().tolist()
+        assert {pool.node_of(p) for p in pages} == {node}
+    assert m.kernel.current is None                           # only set while kernel code runs for a task
+    check(m)

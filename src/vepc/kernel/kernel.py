@@ -12,6 +12,7 @@ a KVM vCPU); nothing here knows which.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import threading
 from dataclasses import dataclass
@@ -82,7 +83,7 @@ class Kernel:
         self.ksgxd = None
         self.sgx_ok = False
         self.features: dict[str, bool] = {}
-        self.current: Process | None = None
+        self._current = threading.local()
         ram_pages = config.ram_size >> PAGE_SHIFT
         # The first RAM pages are the kernel's own (operand buffers for ENCLS), the rest serve user memory.
         self.scratch = config.ram_base
@@ -114,6 +115,25 @@ class Kernel:
 
     def _clear_ram_page(self, pfn: int) -> None:
         self.cpu.write_phys(pfn << PAGE_SHIFT, bytes(PAGE_SIZE))
+
+    @property
+    def current(self) -> Process | None:
+        """``current``: the task this thread runs kernel code for (per thread, as each CPU has its own)."""
+        return getattr(self._current, "task", None)
+
+    @current.setter
+    def current(self, proc: Process | None) -> None:
+        self._current.task = proc
+
+    @contextlib.contextmanager
+    def running(self, proc: Process):
+        """Kernel code on behalf of ``proc`` (a system call, a page fault): ``current`` is ``proc``."""
+        prev = self.current
+        self.current = proc
+        try:
+            yield proc
+        finally:
+            self.current = prev
 
     def current_node(self) -> int:
         """``numa_node_id()`` of the CPU running the current task."""

@@ -214,7 +214,8 @@ class Process:
     def ioctl(self, fd: int, cmd: int, arg: int = 0) -> int:
         """ioctl(2): returns the non-negative result or raises ``OSError`` with Linux's errno."""
         f = self._file(fd)
-        ret = f.f_op.ioctl(f, cmd, arg, self)
+        with self.kernel.running(self):
+            ret = f.f_op.ioctl(f, cmd, arg, self)
         self.kernel.schedule()
         if ret < 0:
             raise os_error(-ret, f"ioctl {cmd:#x} on {f.path}")
@@ -327,7 +328,8 @@ class Process:
             return VM_FAULT_NOPAGE
         flags = FAULT_FLAG_USER | (FAULT_FLAG_WRITE if write else 0) | (FAULT_FLAG_ALLOW_RETRY if allow_retry else 0)
         for _ in range(MAX_FAULT_RETRIES):
-            ret = vma.vm_ops.fault(VmFault(vma, addr, flags))
+            with self.kernel.running(self):      # the fault runs in this task's context (current)
+                ret = vma.vm_ops.fault(VmFault(vma, addr, flags))
             if ret & VM_FAULT_RETRY:
                 # mm/memory.c: the fault is retried with FAULT_FLAG_TRIED; meanwhile kthreads run.
                 flags |= FAULT_FLAG_TRIED
@@ -350,7 +352,8 @@ class Process:
         if present == n:
             return n
         missing = range(vpn, vpn + n) if not present else vma.ptes.missing_in(vpn, n)
-        done = vma.vm_ops.fault_range(vma, missing, flags)
+        with self.kernel.running(self):
+            done = vma.vm_ops.fault_range(vma, missing, flags)
         return n if done == len(missing) else int(missing[done]) - vpn
 
     def _batch_vma(self, vma: Vma | None, write: bool, pages: int) -> bool:
@@ -386,7 +389,8 @@ class Process:
             return vma.ptes[vpn]
         flags = (FAULT_FLAG_WRITE if write else 0) | FAULT_FLAG_ALLOW_RETRY
         for _ in range(MAX_FAULT_RETRIES):
-            ret = vma.vm_ops.fault(VmFault(vma, addr, flags))
+            with self.kernel.running(self):      # the fault runs in this task's context (current)
+                ret = vma.vm_ops.fault(VmFault(vma, addr, flags))
             if ret & VM_FAULT_RETRY:
                 flags |= FAULT_FLAG_TRIED
                 self.kernel.schedule()
