@@ -108,3 +108,15 @@ def test_epc_spec_and_version_parsing_reject_bad_input():
     assert parse_version("5.15") == (5, 15)
     with pytest.raises(ValueError):
         parse_version("six")
+
+
+def test_the_flat_api_reaches_every_layer():
+    import vepc
+
+    assert vepc.Machine is Machine
+    from vepc.kernel.invariants import check
+    from vepc.kernel.loader import load_enclave
+    from vepc.vmm.qemu import QemuVm
+    assert (vepc.QemuVm, vepc.load_enclave, vepc.check_invariants) == (QemuVm, load_enclave, check)
+    with pytest.raises(AttributeError):
+        vepc.no_such_thing
