@@ -293,9 +293,58 @@ def test_einit_token_with_valid_bit_clear_but_other_bits_set_is_no_token(key, la
     assert launch.einit(sign(key, launch), Einittoken(valid=0x2, mac=b"\x01" * 16).pack()) == 0
 
 
-def test_einit_with_launch_enclave_token_is_not_modelled(key, launch):
-    with pytest.raises(NotImplementedError):
-        launch.einit(sign(key, launch), Einittoken(valid=1).pack())
+def launch_token(launch: Launch, sig_raw: bytes, **kw) -> bytes:
+    """What this package's launch enclave would issue for the loaded enclave (see silicon/launch_key.py)."""
+    from vepc.silicon.launch_key import mint_einittoken
+    st = launch.state
+    fields = dict(mrenclave=st.measurement.digest(), mrsigner=mrsigner_of(Sigstruct.unpack(sig_raw)),
+                  attributes=st.attributes, xfrm=st.xfrm)
+    fields.update(kw)
+    processor = fields.pop("processor", launch.proc)
+    return mint_einittoken(processor, **fields).pack()
+
+
+def test_einit_with_a_launch_token_of_this_package_succeeds_under_intel_default_le_hash(launch, sig_raw):
+    assert launch.lp.le_hash_bytes() == INTEL_HASH
+    assert launch.einit(sig_raw, launch_token(launch, sig_raw)) == 0
+    assert launch.state.initialized
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("flipped MAC", S.SGX_INVALID_EINITTOKEN),
+    ("other package", S.SGX_INVALID_EINITTOKEN),
+    ("reserved byte", S.SGX_INVALID_EINITTOKEN),
+    ("valid upper bit", S.SGX_INVALID_EINITTOKEN),
+    ("debug LE, production enclave", S.SGX_INVALID_EINITTOKEN),
+    ("CPUSVN beyond", S.SGX_INVALID_CPUSVN),
+    ("other enclave", S.SGX_INVALID_MEASUREMENT),
+    ("other signer", S.SGX_INVALID_MEASUREMENT),
+    ("other attributes", S.SGX_INVALID_ATTRIBUTE),
+])
+def test_einit_launch_token_checks(launch, sig_raw, case, expected):
+    """SDM EINIT, VALID = 1: debug-LE rule, reserved space, CPUSVN, MAC under the launch key, then the
+    token must name this enclave (MRENCLAVE/MRSIGNER) and its attributes."""
+    if case == "flipped MAC":
+        token = flip(launch_token(launch, sig_raw), 288)
+    elif case == "other package":
+        other = Processor(replace(launch.proc.config, seed=7))
+        token = launch_token(launch, sig_raw, processor=other)
+    elif case == "reserved byte":
+        token = flip(launch_token(launch, sig_raw), 100)
+    elif case == "valid upper bit":
+        token = flip(launch_token(launch, sig_raw), 0, 0x2)
+    elif case == "debug LE, production enclave":
+        token = launch_token(launch, sig_raw, debug_le=True)
+    elif case == "CPUSVN beyond":
+        token = launch_token(launch, sig_raw, cpusvn=b"\x01" + bytes(15))
+    elif case == "other enclave":
+        token = launch_token(launch, sig_raw, mrenclave=bytes(32))
+    elif case == "other signer":
+        token = launch_token(launch, sig_raw, mrsigner=bytes(32))
+    else:
+        token = launch_token(launch, sig_raw, attributes=launch.state.attributes | int(Attribute.DEBUG))
+    assert launch.einit(sig_raw, token) == expected
+    assert not launch.state.initialized
 
 
 # -- faults -------------------------------------------------------------------------------------------

@@ -226,8 +226,6 @@ class SgxVm:
                 rax, faulted = encode_fault(f.vector), True
             except (KvmRunError, KvmExit) as e:
                 return Stop("failed", error=e)
-            except NotImplementedError as e:
-                return Stop("failed", error=VmmError(f"ENCLS leaf {leaf:#x}: {e}"))
         self.encls_calls += 1
         name = Leaf(leaf).name if leaf in Leaf._value2member_map_ else hex(leaf)
         self.leaf_counts[name] = self.leaf_counts.get(name, 0) + 1

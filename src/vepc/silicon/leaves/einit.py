@@ -36,6 +36,7 @@ from vepc.arch.constants import (
 from vepc.arch.structs import EINITTOKEN_SIZE, SIGSTRUCT_SIZE, Einittoken, Sigstruct
 from vepc.silicon.epcm import VALID
 from vepc.silicon.faults import GeneralProtection
+from vepc.silicon.launch_key import cpusvn_beyond, token_mac_ok, token_reserved_clear
 from vepc.silicon.leaves.common import check_aligned, epc_operand, epcm_fault, leaf, page_type_of
 
 __all__ = ["einit", "verify_signature", "sigstruct_well_formed", "pkcs1_v15_sha256_encoding", "mrsigner_of",
@@ -128,7 +129,8 @@ def verify_signature(sig: Sigstruct) -> bool:
 def einit(lp, rbx: int, rcx: int, rdx: int, mem) -> int:
     """ENCLS[EINIT]: RBX = SIGSTRUCT, RCX = SECS (EPC), RDX = EINITTOKEN. Returns RAX (SGX code).
 
-    Raises ``NotImplementedError`` for an EINITTOKEN with VALID = 1 (launch-enclave tokens).
+    A token with VALID = 1 is checked as the SDM says: debug-LE rule, reserved space, CPUSVN, its MAC under
+    the package's launch key (:mod:`vepc.silicon.launch_key`), then MRENCLAVE/MRSIGNER and ATTRIBUTES.
 
     >>> from vepc.silicon import Processor, ProcessorConfig, EpcSection
     >>> from vepc.types import PhysAddr
@@ -182,7 +184,24 @@ def einit(lp, rbx: int, rcx: int, rdx: int, mem) -> int:
         if mrsigner != le_hash:
             return SgxReturn.SGX_INVALID_EINITTOKEN
     else:
-        raise NotImplementedError("EINITTOKEN with VALID=1 (launch-enclave tokens) is not modelled")
+        token_raw = mem.read(rdx, EINITTOKEN_SIZE)
+        # SDM EINIT: a debug launch enclave cannot launch production enclaves.
+        if token.maskedattributesle & Attribute.DEBUG and not st.attributes & Attribute.DEBUG:
+            return SgxReturn.SGX_INVALID_EINITTOKEN
+        # SDM EINIT: reserved space in the token (and VALID's upper bits) must be clear.
+        if not token_reserved_clear(token_raw):
+            return SgxReturn.SGX_INVALID_EINITTOKEN
+        # SDM EINIT: the token must not come from a configuration beyond the current CPUSVN.
+        if cpusvn_beyond(token.cpusvnle):
+            return SgxReturn.SGX_INVALID_CPUSVN
+        # SDM EINIT: the MAC under this package's launch key (EINITTOKEN_KEY) over the first 192 bytes.
+        if not token_mac_ok(proc, token_raw):
+            return SgxReturn.SGX_INVALID_EINITTOKEN
+        # SDM EINIT: the token is for this enclave and these attributes.
+        if token.mrenclave != mrenclave or token.mrsigner != mrsigner:
+            return SgxReturn.SGX_INVALID_MEASUREMENT
+        if token.attributes != st.attributes or token.xfrm != st.xfrm:
+            return SgxReturn.SGX_INVALID_ATTRIBUTE
     # SDM EINIT, COMMIT: MRENCLAVE, MRSIGNER, ISVPRODID, ISVSVN into the SECS; mark it initialized.
     st.mrenclave = mrenclave
     st.mrsigner = mrsigner
