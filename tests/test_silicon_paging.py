@@ -13,7 +13,6 @@ from vepc.arch.structs import PCMD_SIZE, Pageinfo, Pcmd, Secinfo
 from vepc.silicon import GeneralProtection, PageFault, Processor
 from vepc.silicon.epcm import BLOCKED
 from vepc.silicon.faults import PF_SGX
-from vepc.silicon.leaves.paging import evicted_enclaves
 
 # Scratch RAM for operands (BareMetal uses 0x100000-0x104fff).
 PAGEINFO = 0x200000
@@ -307,12 +306,12 @@ def test_secs_round_trip_keeps_the_same_enclave(pg: Paging):
         pg.evict(e.pages[name], slot(n), back(n), pcmd(n))
     secs_page = proc.memory.epc_read(e.secs_idx)
     assert pg.ewb(e.secs_idx, slot(10), BACK_B, PCMD_B) == 0
-    assert e.secs_idx not in proc.enclaves and evicted_enclaves(proc)[eid] is st
+    assert e.secs_idx not in proc.enclaves and proc.evicted_enclaves[eid] is st
     assert pg.pcmd(PCMD_B).enclave_id == eid
     assert Secinfo.unpack(pg.pcmd(PCMD_B).secinfo).page_type == PageType.SECS
     new_secs = FREE + 10
     assert pg.eld(new_secs, slot(10), 0, 0, BACK_B, PCMD_B) == 0
-    assert proc.enclaves[new_secs] is st and st.eid == eid and eid not in evicted_enclaves(proc)
+    assert proc.enclaves[new_secs] is st and st.eid == eid and eid not in proc.evicted_enclaves
     assert proc.epcm.describe(new_secs)["type"] == "SECS" and proc.memory.epc_read(new_secs) == secs_page
     for n, name in enumerate(("data", "tcs", "ssa")):
         assert pg.eld(FREE + n, slot(n), e.base + 0x1000 * n, epc(new_secs), back(n), pcmd(n)) == 0

@@ -91,7 +91,6 @@ class EventLog:
     def __init__(self) -> None:
         self.rows: list[tuple] = []
         self.now = 0
-        self.enabled_kinds: set[int] | None = None
         self._lock = threading.Lock()
         self._totals: Counter = Counter()      # count-weighted totals of rows[:_totals_upto], by kind
         self._totals_upto = 0

@@ -24,7 +24,7 @@ from vepc.arch.constants import (
 )
 from vepc.events import EventKind, EventLog
 from vepc.kernel.cpu import KernelCpu
-from vepc.kernel.epc_pool import PAGE_POISON, EpcPool, KSection
+from vepc.kernel.epc_pool import EpcPool, KSection
 from vepc.kernel.mm import File, FileOps, Process, os_error
 from vepc.kernel.owners import OwnerRegistry
 from vepc.kernel.provision import SgxProvision
@@ -275,8 +275,6 @@ class Kernel:
     def eremove(self, page: int) -> int:
         return encls.eremove(self.cpu, self.pool.phys_addr(page))
 
-    def poison(self, page: int) -> None:
-        self.pool.flags[page] |= PAGE_POISON
 
     def sgx_total_bytes(self, node: int) -> int:
         return int(self.sysfs[f"/sys/devices/system/node/node{node}/x86/sgx_total_bytes"])

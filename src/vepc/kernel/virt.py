@@ -96,7 +96,6 @@ class VepcDriver(FileOps):
         self.zombie_lock = threading.Lock()
         self.vm_ops = _VepcVmOps(self)
         self.has_remove_all = kernel.version_at_least(5, 16)
-        self.warned_once: set[str] = set()
 
     # -- open / mmap ---------------------------------------------------------------------------
     def open(self, kernel: "Kernel", file: File) -> int:

@@ -70,8 +70,6 @@ class Kvm:
                 return (eax & (Cpuid12Eax.SGX1 | Cpuid12Eax.SGX2 | Cpuid12Eax.EDECCSSA), ebx & SGX_MISC_EXINFO, 0, edx)
             attrs = (ebx << 32 | eax) & int(SGX_ATTR_PRIV_MASK | SGX_ATTR_UNPRIV_MASK)
             return (attrs & 0xFFFFFFFF, 0, ecx, edx)
-        if leaf == 0xD and subleaf == 0:
-            return (eax, ebx, ecx, edx)
         return (eax, ebx, ecx, edx)
 
     def host_cpuid(self, leaf: int, subleaf: int = 0) -> tuple[int, int, int, int]:

@@ -181,6 +181,3 @@ class Vcpu:
                 kicked += 1
         return kicked
 
-    def host_page_of(self, gpa: int) -> int:
-        """Host EPC/RAM frame backing ``gpa`` (faulting it in)."""
-        return self.vm.memory.translate(gpa) >> PAGE_SHIFT

@@ -248,9 +248,6 @@ class Vm:
             last = (s.guest_phys_addr + (hi - s.userspace_addr)) >> PAGE_SHIFT
             self.ept[s.slot].clear_range(first, last, want_pfns=False)
 
-    def guest_pages_mapped(self) -> dict[int, int]:
-        """EPT contents: guest frame → host frame."""
-        return {g: p for t in self.ept.values() for g, p in t.items()}
 
     def destroy(self) -> None:
         if self.destroyed:

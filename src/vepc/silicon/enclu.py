@@ -17,7 +17,7 @@ from vepc.arch.structs import Tcs
 from vepc.silicon.epcm import BLOCKED, MODIFIED, PENDING, PR, VALID
 from vepc.silicon.faults import GeneralProtection
 from vepc.silicon.leaves.common import epcm_fault, page_type_of
-from vepc.silicon.leaves.paging import modify_epochs, tracking_complete
+from vepc.silicon.leaves.paging import tracking_complete
 
 if TYPE_CHECKING:
     from vepc.silicon.lp import LogicalProcessor
@@ -81,7 +81,7 @@ def eaccept(lp: "LogicalProcessor", epc_index: int, secinfo_flags: int) -> int:
                 or pt != (secinfo_flags >> 8) & 0xFF):
             return SgxReturn.SGX_PAGE_ATTRIBUTES_MISMATCH
         # SDM EACCEPT: "Check that all required threads have left enclave".
-        epoch = modify_epochs(proc).get(epc_index)
+        epoch = proc.modify_epochs.get(epc_index)
         if f & (MODIFIED | PR) and epoch is not None and not tracking_complete(st, epoch):
             return SgxReturn.SGX_NOT_TRACKED
         if pt == PageType.TCS:
@@ -94,5 +94,5 @@ def eaccept(lp: "LogicalProcessor", epc_index: int, secinfo_flags: int) -> int:
                                                             or t.gs_limit & 0xFFF != 0xFFF):
                 raise GeneralProtection(reason="EACCEPT: 32-bit TCS FS/GS limits not page granular")
         epcm.flags[epc_index] = f & ~(PENDING | MODIFIED | PR)
-        modify_epochs(proc).pop(epc_index, None)
+        proc.modify_epochs.pop(epc_index, None)
         return 0

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 
 from vepc.arch.constants import (
-    CPUID_1_ECX_VMX, CPUID_7_EBX_SGX, CPUID_7_ECX_SGX_LC, EPC_SECTION_TYPE, INTEL_DEFAULT_LE_HASH,
-    PAGE_SHIFT, SGX_MISC_EXINFO, Cpuid12Eax, FeatureControl, Leaf, Msr,
+    CPUID_1_ECX_VMX, CPUID_7_EBX_SGX, CPUID_7_ECX_SGX_LC, EPC_SECTION_TYPE, PAGE_SHIFT, SGX_MISC_EXINFO, Cpuid12Eax, FeatureControl, Leaf,
 )
 from vepc.events import EventKind, EventLog
 from vepc.silicon.enclave_state import SecsState
@@ -58,11 +57,6 @@ class ProcessorConfig:
     feature_control: int = DEFAULT_FEATURE_CONTROL
     nr_lps: int = 2
     seed: int = 0
-    nodes: tuple[int, ...] = field(default=())
-
-    def with_sections(self, sections) -> "ProcessorConfig":
-        from dataclasses import replace
-        return replace(self, sections=tuple(sections))
 
 
 LeafFn = Callable[..., int]
@@ -199,10 +193,4 @@ class Processor:
                     self.events.emit(EventKind.ENCLS, arg=int(Leaf.EREMOVE), arg2=r)
         return rets
 
-    def reset_le_hash(self) -> None:
-        for lp in self.lps:
-            lp.le_hash = list(INTEL_DEFAULT_LE_HASH)
 
-    @property
-    def msr_numbers(self) -> tuple[int, ...]:
-        return tuple(int(m) for m in Msr)

@@ -52,49 +52,13 @@ from vepc.silicon.leaves.common import (
 if TYPE_CHECKING:
     from vepc.silicon.processor import Processor
 
-__all__ = ["epa", "eblock", "etrack", "ewb", "eldb", "eldu", "evicted_enclaves", "modify_epochs",
+__all__ = ["epa", "eblock", "etrack", "ewb", "eldb", "eldu",
            "tracking_complete", "mac_header", "pcmd_secinfo_flags", "CHILD_TYPES", "VA_SLOT_SIZE"]
 
 #: Page types that belong to an enclave (have a parent SECS) and can be blocked (SDM EBLOCK/EWB/ELDU).
 CHILD_TYPES = (PageType.REG, PageType.TCS, PageType.TRIM)
 #: A VA slot holds one 8-byte version (reference §2.1: 512 slots per VA page, slot offset = slot << 3).
 VA_SLOT_SIZE = 8
-
-
-# -- hidden processor state that outlives an EPC page ------------------------------------------------
-
-def evicted_enclaves(proc: "Processor") -> dict[int, SecsState]:
-    """Hidden state of SECS pages that EWB wrote out, by EID, until ELDU brings the SECS back.
-
-    Kept on the processor instance (created on first use).
-
-    >>> class P: pass
-    >>> evicted_enclaves(P())
-    {}
-    """
-    table = getattr(proc, "evicted_enclaves", None)
-    if table is None:
-        table = {}
-        proc.evicted_enclaves = table  # type: ignore[attr-defined]
-    return table
-
-
-def modify_epochs(proc: "Processor") -> dict[int, int]:
-    """EPC page index -> the enclave epoch in which EMODPR/EMODT changed the page (SGX2).
-
-    EACCEPT of such a page needs a completed ETRACK after that epoch (SDM EACCEPT "Tracking not
-    correct"). EWB and ELDU drop the entry: a page that went through EWB was tracked after its
-    modification (EWB itself requires it).
-
-    >>> class P: pass
-    >>> modify_epochs(P())
-    {}
-    """
-    table = getattr(proc, "modify_epochs", None)
-    if table is None:
-        table = {}
-        proc.modify_epochs = table  # type: ignore[attr-defined]
-    return table
 
 
 def tracking_complete(st: SecsState, epoch: int) -> bool:
@@ -308,14 +272,14 @@ def ewb(lp, rbx: int, rcx: int, rdx: int, mem) -> int:
     # SDM EWB: "Free up EPCM Entry".
     epcm.invalidate(idx)
     proc.memory.epc_clear(idx)
-    modify_epochs(proc).pop(idx, None)
+    proc.modify_epochs.pop(idx, None)
     if pt in CHILD_TYPES:
         assert st is not None
         st.child_count -= 1
         st.bepoch.pop(idx, None)
     elif pt == PageType.SECS:
         assert st is not None
-        evicted_enclaves(proc)[st.eid] = st
+        proc.evicted_enclaves[st.eid] = st
         del proc.enclaves[idx]
     return rax
 
@@ -360,7 +324,7 @@ def _eld(lp, rbx: int, rcx: int, rdx: int, mem, blocked: bool) -> int:
     except InvalidTag:
         return SgxReturn.SGX_MAC_COMPARE_FAIL             # SDM ELDU: TMP_MAC != PCMD.MAC
     if pt == PageType.SECS:
-        st = evicted_enclaves(proc).pop(header_eid, None)
+        st = proc.evicted_enclaves.pop(header_eid, None)
         if st is None:  # sealed by a processor whose hidden state this one does not have
             return SgxReturn.SGX_MAC_COMPARE_FAIL
     # SDM ELDU "Check version before committing": the slot is consumed (cleared) so that it can be reused
@@ -375,7 +339,7 @@ def _eld(lp, rbx: int, rcx: int, rdx: int, mem, blocked: bool) -> int:
              PageType.SECS else 0), offset=offset, pending=bool(sflags & SecinfoFlag.PENDING),
              modified=bool(sflags & SecinfoFlag.MODIFIED), pr=bool(sflags & SecinfoFlag.PR),
              blocked=blocked and is_child)
-    modify_epochs(proc).pop(idx, None)
+    proc.modify_epochs.pop(idx, None)
     if is_child:
         assert st is not None
         st.child_count += 1

@@ -22,7 +22,7 @@ from vepc.arch.constants import PAGE_SIZE, PageType, SecinfoFlag
 from vepc.arch.structs import PCMD_SIZE, Secinfo
 from vepc.silicon.epcm import BLOCKED, MODIFIED, PENDING, PR, PT_MASK, PT_SHIFT, RWX_SHIFT, VALID
 from vepc.silicon.leaves.paging import (
-    CHILD_TYPES, VA_SLOT_SIZE, modify_epochs, pcmd_secinfo_flags, tracking_complete,
+    CHILD_TYPES, VA_SLOT_SIZE, pcmd_secinfo_flags, tracking_complete,
 )
 
 __all__ = ["ewb_batch", "eldu_batch"]
@@ -68,7 +68,7 @@ def ewb_batch(lp, idx: np.ndarray, va_idx: np.ndarray, va_off: np.ndarray, out: 
     aes = AESGCM(proc.paging_key)
     enclaves = proc.enclaves
     store = proc.memory.epc
-    epochs = modify_epochs(proc)
+    epochs = proc.modify_epochs
     out_mv = _rows(out, out=True)
     pcmd_mv = _rows(pcmd_out, out=True)
     secinfo_cache: dict[int, bytes] = {}
@@ -150,7 +150,7 @@ def eldu_batch(lp, idx: np.ndarray, secs_idx: int, linaddrs: np.ndarray, va_idx:
         n = min(n, _first_duplicate(idx[:n]))
     aes = AESGCM(proc.paging_key)
     store = proc.memory.epc
-    epochs = modify_epochs(proc)
+    epochs = proc.modify_epochs
     cont_mv = _rows(contents)
     pcmd_mv = _rows(pcmds)
     eid = st.eid

@@ -17,7 +17,6 @@ import numpy as np
 from vepc.arch.constants import PAGE_SIZE, Leaf, PageType, SgxReturn
 from vepc.silicon.epcm import MODIFIED, PT_MASK, PT_SHIFT, VALID
 from vepc.silicon.leaves.common import check_aligned, epc_operand, leaf
-from vepc.silicon.leaves.paging import modify_epochs
 
 __all__ = ["eremove", "eremove_page", "eremove_batch"]
 
@@ -105,4 +104,4 @@ def _free(proc, idx: int) -> None:
     """EPCM entry invalid, contents gone, no leftover per-page SGX2 epoch."""
     proc.epcm.invalidate(idx)
     proc.memory.epc_clear(idx)
-    modify_epochs(proc).pop(idx, None)
+    proc.modify_epochs.pop(idx, None)

@@ -27,7 +27,6 @@ from vepc.silicon.faults import GeneralProtection
 from vepc.silicon.leaves.common import (
     check_aligned, epc_operand, epcm_fault, leaf, page_type_of, read_pageinfo, read_secinfo, secs_operand,
 )
-from vepc.silicon.leaves.paging import modify_epochs
 
 __all__ = ["eaug", "emodpr", "emodt", "secinfo_reserved"]
 
@@ -106,7 +105,7 @@ def emodpr(lp, rbx: int, rcx: int, rdx: int, mem) -> int:
         raise GeneralProtection(reason="EMODPR: enclave not initialized")   # SDM: ATTRIBUTES.INIT = 0
     rwx = ((f >> RWX_SHIFT) & 0x7) & (secinfo.flags & 0x7)
     epcm.flags[idx] = (f & ~(0x7 << RWX_SHIFT)) | (rwx << RWX_SHIFT) | PR
-    modify_epochs(proc)[idx] = st.cbepoch
+    proc.modify_epochs[idx] = st.cbepoch
     return 0
 
 
@@ -142,5 +141,5 @@ def emodt(lp, rbx: int, rcx: int, rdx: int, mem) -> int:
         raise GeneralProtection(reason="EMODT: enclave not initialized")    # SDM: ATTRIBUTES.INIT = 0
     keep = f & ~(PT_MASK | (0x7 << RWX_SHIFT) | PR)
     epcm.flags[idx] = keep | (new_pt << PT_SHIFT) | MODIFIED
-    modify_epochs(proc)[idx] = st.cbepoch
+    proc.modify_epochs[idx] = st.cbepoch
     return 0
