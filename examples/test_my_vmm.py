@@ -31,7 +31,7 @@ def epc_args(sections: list[tuple[int, int]], *, prealloc: bool = True) -> str:
     objs = " ".join(f"-object memory-backend-epc,id=m{i},size={size // MiB}M,prealloc={'on' if prealloc else 'off'}"
                     for i, (size, _) in enumerate(sections))
     machine = ",".join(f"sgx-epc.{i}.memdev=m{i},sgx-epc.{i}.node={node}" for i, (_, node) in enumerate(sections))
-    return f"-m 1G -cpu host {numa} {objs} -M pc,{machine}"
+    return f"-m 1G -accel kvm -cpu host {numa} {objs} -M pc,{machine}"
 
 
 def place_vm(host, qemu_vm, name: str, epc_bytes: int):

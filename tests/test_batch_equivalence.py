@@ -344,7 +344,7 @@ def sc_guest(rng: random.Random, out: dict) -> None:
     ms = ",".join(f"sgx-epc.{i}.memdev=m{i},sgx-epc.{i}.node={n}" for i, (_, _, n) in enumerate(sections))
     numa = ("-smp 2 -object memory-backend-ram,id=r0,size=1G -object memory-backend-ram,id=r1,size=1G "
             "-numa node,nodeid=0,cpus=0,memdev=r0 -numa node,nodeid=1,cpus=1,memdev=r1")
-    vm = QemuVm(m, f"-m 2G -cpu host {objs} -M pc,{ms} {numa}")
+    vm = QemuVm(m, f"-m 2G -accel kvm -cpu host {objs} -M pc,{ms} {numa}")
     out["guests"] = []
     try:
         vm.start()
@@ -440,7 +440,7 @@ def test_remove_all_and_release_batches_equal_per_page(seed):
 def test_batch_paths_emit_counted_events_and_keep_invariants():
     with mode(True):
         m = Machine.build(epc=["8M@0", "8M@1"])
-        vm = QemuVm(m, "-m 1G -cpu host -object memory-backend-epc,id=m0,size=4M "
+        vm = QemuVm(m, "-m 1G -accel kvm -cpu host -object memory-backend-epc,id=m0,size=4M "
                        "-M pc,sgx-epc.0.memdev=m0,sgx-epc.0.node=0").start()
         proc = vm.proc
         assert proc.touch(vm.backends["m0"].hva, 4 << 20)

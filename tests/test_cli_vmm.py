@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 
-ARGS = ["-m", "2G", "-cpu", "host", "-object", "memory-backend-epc,id=m0,size=64M,prealloc=on",
+ARGS = ["-m", "2G", "-accel", "kvm", "-cpu", "host", "-object", "memory-backend-epc,id=m0,size=64M,prealloc=on",
         "-M", "sgx-epc.0.memdev=m0,sgx-epc.0.node=0"]
 
 
@@ -34,18 +34,35 @@ def test_qemu_json_has_the_qmp_objects_and_cpuid():
     assert out["epc_committed_bytes"] == 64 << 20
 
 
-def test_qemu_bad_options_print_qemus_line_and_exit_2():
+def test_qemu_bad_options_print_qemus_line_and_exit_1_as_qemu_does():
     r = vepc("qemu", "--host-epc", "128M@0", "--", "-m", "2G", "-object", "memory-backend-epc,id=m0,size=0",
              "-M", "sgx-epc.0.memdev=m0,sgx-epc.0.node=0")
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines() == [
+        "qemu-system-x86_64: property 'size' of memory-backend-epc doesn't take value '0'"]
+    assert "Traceback" not in r.stderr
+
+
+def test_qemu_model_only_refusal_is_one_vepc_line_and_exit_2():
+    r = vepc("qemu", "--strict", "--", "-m", "2G", "-accel", "kvm", "-cpu", "host", "-display", "none")
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [
-        "vepc: qemu-system-x86_64: property 'size' of memory-backend-epc doesn't take value '0'"]
-    assert "Traceback" not in r.stderr
+        "vepc: --strict: -display is accepted by QEMU but not modelled (it does not touch SGX)"]
+
+
+def test_kvm_run_efault_stops_the_vm_with_qemus_line_and_no_traceback():
+    # more guest EPC than the host has, no prealloc: the guest's EPC sanitizing touches a page the host
+    # cannot back -> vepc fault SIGBUS -> KVM_RUN -EFAULT (kvm-all.c kvm_cpu_exec: "error: kvm run failed")
+    r = vepc("qemu", "--host-epc", "8M@0", "--", "-m", "1G", "-accel", "kvm", "-cpu", "host",
+             "-object", "memory-backend-epc,id=m0,size=16M", "-M", "sgx-epc.0.memdev=m0,sgx-epc.0.node=0")
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "error: kvm run failed Bad address" in r.stderr.splitlines()
+    assert "VM stopped: internal-error" in r.stdout
 
 
 def test_qemu_prealloc_beyond_the_host_fails_with_qemus_message():
     r = vepc("qemu", "--host-epc", "32M@0", "--", *ARGS)
-    assert r.returncode == 2
+    assert r.returncode == 1
     assert "qemu_prealloc_mem: preallocating memory failed: Bad address" in r.stderr
 
 

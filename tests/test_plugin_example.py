@@ -37,7 +37,7 @@ def test_a_leak_fails_the_users_test_with_a_clear_message(tmp_path):
         "import pytest\n"
         "@pytest.mark.sgx_host(epc=['8M@0'])\n"
         "def test_leaky(sgx_host, qemu_vm, assert_no_epc_leak):\n"
-        "    qemu_vm('-m 1G -cpu host -object memory-backend-epc,id=m0,size=4M,prealloc=on '\n"
+        "    qemu_vm('-m 1G -accel kvm -cpu host -object memory-backend-epc,id=m0,size=4M,prealloc=on '\n"
         "            '-M sgx-epc.0.memdev=m0,sgx-epc.0.node=0', name='web')\n"
         "    assert_no_epc_leak()\n"
         "@pytest.mark.sgx_host(epc=['8M@0'], flavour='x')\n"

@@ -81,7 +81,7 @@ def test_the_guest_kernels_own_provision_ioctl_cannot_grant_it_either():
 
 def test_with_the_capability_the_vm_may_and_hostile_guests_without_it_never_get_one():
     w = World(epc=("2M@0",))
-    assert w.start_vm([(128, False, 0)], boot_guest=False) == "running"      # QEMU grants it (-cpu host)
+    assert w.start_vm([(128, False, 0)], boot_guest=False) == "running"      # QEMU grants it (-accel kvm -cpu host)
     assert w.start_vm([(128, False, 0), (64, False, 0)], smp=2, cpu="host,-sgx-provisionkey") == "running"
     ok, denied = w.vms[0].qemu, w.vms[1].qemu
     assert ok.vm.sgx_provisioning_allowed and not denied.vm.sgx_provisioning_allowed

@@ -8,7 +8,7 @@ from click.testing import CliRunner
 
 from vepc.cli import cli
 
-VM = ('[[vm]]\nname = "web"\nqemu = "-m 1G -cpu host -object memory-backend-epc,id=m0,size=4M '
+VM = ('[[vm]]\nname = "web"\nqemu = "-m 1G -accel kvm -cpu host -object memory-backend-epc,id=m0,size=4M '
       '-M sgx-epc.0.memdev=m0,sgx-epc.0.node=0"\n')
 
 CASES = {

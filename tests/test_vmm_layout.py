@@ -20,7 +20,7 @@ def lay(cmdline: str):
 
 
 def test_2g_guest_with_one_64m_section_has_epc_right_at_4g():
-    layout = lay("-m 2G -cpu host -object memory-backend-epc,id=m0,size=64M -M sgx-epc.0.memdev=m0,sgx-epc.0.node=0")
+    layout = lay("-m 2G -accel kvm -cpu host -object memory-backend-epc,id=m0,size=64M -M sgx-epc.0.memdev=m0,sgx-epc.0.node=0")
     assert layout.below_4g_mem_size == 2 * GiB and layout.above_4g_mem_size == 0
     assert layout.epc_base == 0x100000000
     assert [(s.base, s.size) for s in layout.epc_sections] == [(0x100000000, 0x4000000)]
@@ -28,7 +28,7 @@ def test_2g_guest_with_one_64m_section_has_epc_right_at_4g():
 
 @pytest.mark.parametrize("machine, base", [("pc", 0x140000000), ("q35", 0x180000000)])
 def test_4g_guest_matches_the_qemu_documentation(machine, base):
-    layout = lay(f"-m 4G -M {machine} -cpu host -object memory-backend-epc,id=m0,size=64M "
+    layout = lay(f"-m 4G -M {machine} -accel kvm -cpu host -object memory-backend-epc,id=m0,size=64M "
                  "-M sgx-epc.0.memdev=m0,sgx-epc.0.node=0")
     assert layout.epc_base == base
 
@@ -36,7 +36,7 @@ def test_4g_guest_matches_the_qemu_documentation(machine, base):
 def test_numa_example_from_the_docs_packs_sections_contiguously_in_index_order():
     # docs/system/i386/sgx.rst: guest dmesg "sgx: EPC section 0x180000000-0x183ffffff" and
     # "0x184000000-0x185bfffff"; SRAT Node 0 / Node 1 for the two ranges.
-    cmd = ("-m 4G,maxmem=20G -M q35 -smp sockets=2,cores=2 -cpu host,+sgx-provisionkey "
+    cmd = ("-m 4G,maxmem=20G -M q35 -smp sockets=2,cores=2 -accel kvm -cpu host,+sgx-provisionkey "
            "-object memory-backend-ram,size=2G,host-nodes=0,policy=bind,id=node0 "
            "-object memory-backend-epc,id=mem0,size=64M,prealloc=on,host-nodes=0,policy=bind "
            "-numa node,nodeid=0,cpus=0-1,memdev=node0 "
@@ -67,15 +67,16 @@ def test_ram_split_below_and_above_4g(machine, ram, below, above):
     assert split_ram(machine, ram) == (below, above)
 
 
-def test_old_pc_machine_types_keep_the_3_5g_split():
+def test_isapc_keeps_the_3_5g_split():
+    # pc_piix.c isapc_machine_options: gigabyte_align = false
     assert split_ram("pc", 4 * GiB, gigabyte_align=False) == (0xE0000000, 0x20000000)
-    cfg = parse_qemu_args("-M pc-i440fx-1.7 -m 4G")
+    cfg = parse_qemu_args("-M isapc -m 4G")
     assert not cfg.machine.gigabyte_align
     assert build_layout(cfg).below_4g_mem_size == 0xE0000000
 
 
 def test_max_ram_below_4g_lowers_the_split_and_moves_epc():
-    layout = lay("-M pc,max-ram-below-4g=2G -m 4G -cpu host -object memory-backend-epc,id=m0,size=64M "
+    layout = lay("-M pc,max-ram-below-4g=2G -m 4G -accel kvm -cpu host -object memory-backend-epc,id=m0,size=64M "
                  "-M sgx-epc.0.memdev=m0,sgx-epc.0.node=0")
     assert (layout.below_4g_mem_size, layout.above_4g_mem_size) == (2 * GiB, 2 * GiB)
     assert layout.epc_base == 0x180000000
@@ -83,7 +84,7 @@ def test_max_ram_below_4g_lowers_the_split_and_moves_epc():
 
 
 def test_device_memory_window_starts_at_the_next_gigabyte_after_epc():
-    layout = lay("-m 4G,slots=2,maxmem=8G -cpu host -object memory-backend-epc,id=m0,size=64M "
+    layout = lay("-m 4G,slots=2,maxmem=8G -accel kvm -cpu host -object memory-backend-epc,id=m0,size=64M "
                  "-M sgx-epc.0.memdev=m0,sgx-epc.0.node=0")
     assert layout.epc_sections[0].end == 0x144000000
     assert layout.device_memory_base == 0x180000000
@@ -92,7 +93,7 @@ def test_device_memory_window_starts_at_the_next_gigabyte_after_epc():
 
 
 def test_e820_has_ram_and_one_reserved_range_for_all_epc():
-    layout = lay("-m 4G -cpu host -object memory-backend-epc,id=a,size=64M -object memory-backend-epc,id=b,size=32M "
+    layout = lay("-m 4G -accel kvm -cpu host -object memory-backend-epc,id=a,size=64M -object memory-backend-epc,id=b,size=32M "
                  "-M sgx-epc.0.memdev=a,sgx-epc.0.node=0,sgx-epc.1.memdev=b,sgx-epc.1.node=0")
     assert layout.e820() == [(0, 3 * GiB, E820_RAM), (4 * GiB, 1 * GiB, E820_RAM),
                              (0x140000000, 96 * MiB, E820_RESERVED)]
@@ -105,7 +106,7 @@ def test_epc_that_runs_past_2_to_the_64_is_rejected_with_qemus_message():
     assert str(e.value) == "qemu-system-x86_64: Size of all 'sgx-epc' =0xffffffffc0000000 causes EPC to wrap"
     # the same through the command line (the check runs during machine init)
     with pytest.raises(QemuError, match="causes EPC to wrap"):
-        parse_qemu_args("-m 1G -cpu host -object memory-backend-epc,id=m0,size=17179869183G "
+        parse_qemu_args("-m 1G -accel kvm -cpu host -object memory-backend-epc,id=m0,size=17179869183G "
                         "-M sgx-epc.0.memdev=m0,sgx-epc.0.node=0")
 
 

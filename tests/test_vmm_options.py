@@ -26,7 +26,7 @@ def qemu_error(cmdline, **kw) -> QemuError:
 # ---------------------------------------------------------------- accepted command lines
 
 def test_machine_property_form_defines_sections_in_index_order():
-    cfg = parse_qemu_args("-m 4G -M q35 -cpu host -object memory-backend-epc,id=a,size=64M,prealloc=on "
+    cfg = parse_qemu_args("-m 4G -M q35 -accel kvm -cpu host -object memory-backend-epc,id=a,size=64M,prealloc=on "
                           "-object memory-backend-epc,id=b,size=28M "
                           "-M sgx-epc.0.memdev=a,sgx-epc.0.node=0,sgx-epc.1.memdev=b,sgx-epc.1.node=1")
     assert cfg.machine.family == "q35"
@@ -36,21 +36,26 @@ def test_machine_property_form_defines_sections_in_index_order():
     assert cfg.epc_size == 92 * MiB
 
 
-def test_older_sgx_epc_option_form_is_accepted():
-    cfg = parse_qemu_args("-m 2G -cpu host -object memory-backend-epc,id=mem1,size=64M "
-                          "-object memory-backend-epc,id=mem2,size=28M "
-                          "-sgx-epc id=epc1,memdev=mem1 -sgx-epc id=epc2,memdev=mem2,node=1")
+INTEL_QEMU_SGX = ("-m 2G -accel kvm -cpu host -object memory-backend-epc,id=mem1,size=64M "
+                  "-object memory-backend-epc,id=mem2,size=28M "
+                  "-sgx-epc id=epc1,memdev=mem1 -sgx-epc id=epc2,memdev=mem2,node=1")
+
+
+def test_intel_qemu_sgx_option_form_is_accepted_only_when_asked_for():
+    cfg = parse_qemu_args(INTEL_QEMU_SGX, intel_qemu_sgx=True)
     assert [(s.id, s.memdev, s.node) for s in cfg.sgx_epc] == [("epc1", "mem1", 0), ("epc2", "mem2", 1)]
+    # upstream QEMU never had -sgx-epc
+    assert str(qemu_error(INTEL_QEMU_SGX)) == "qemu-system-x86_64: -sgx-epc: invalid option"
 
 
 def test_both_forms_combine_machine_sections_first():
-    cfg = parse_qemu_args("-cpu host -object memory-backend-epc,id=a,size=4M -object memory-backend-epc,id=b,size=8M "
-                          "-sgx-epc id=e,memdev=b -M sgx-epc.0.memdev=a,sgx-epc.0.node=0")
+    cfg = parse_qemu_args("-accel kvm -cpu host -object memory-backend-epc,id=a,size=4M -object memory-backend-epc,id=b,size=8M "
+                          "-sgx-epc id=e,memdev=b -M sgx-epc.0.memdev=a,sgx-epc.0.node=0", intel_qemu_sgx=True)
     assert [s.memdev for s in cfg.sgx_epc] == ["a", "b"]
 
 
 def test_repeated_machine_options_merge_like_keyval():
-    cfg = parse_qemu_args("-M q35 -cpu host " + EPC0 + " -object memory-backend-epc,id=m1,size=4M "
+    cfg = parse_qemu_args("-M q35 -accel kvm -cpu host " + EPC0 + " -object memory-backend-epc,id=m1,size=4M "
                           "-M sgx-epc.0.memdev=m0,sgx-epc.0.node=0 -M sgx-epc.1.memdev=m1,sgx-epc.1.node=0")
     assert cfg.machine.family == "q35" and [s.memdev for s in cfg.sgx_epc] == ["m0", "m1"]
 
@@ -83,7 +88,7 @@ def test_accelerator_options(spec, accel):
 
 
 def test_harmless_options_are_accepted_and_recorded():
-    cfg = parse_qemu_args("-nographic -display none -enable-kvm -accel kvm -name vm1 -nodefaults -no-reboot "
+    cfg = parse_qemu_args("-nographic -display none -accel kvm -name vm1 -nodefaults -no-reboot "
                           "-serial mon:stdio -kernel bzImage -append 'console=ttyS0' disk.img")
     assert ("display", "none") in cfg.passthrough and ("kernel", "bzImage") in cfg.passthrough
     assert ("hda", "disk.img") in cfg.passthrough and cfg.name == "vm1"
@@ -97,7 +102,7 @@ def test_smp_topology_prefers_cores():
 
 
 def test_cpu_features_sgx_names_and_passthrough_names():
-    cpu = parse_qemu_args("-cpu host,+sgx-provisionkey,-sgx2,sgx_kss=off,+avx,-vmx,sgx-aex-notify=on,pmu=off").cpu
+    cpu = parse_qemu_args("-accel kvm -cpu host,+sgx-provisionkey,-sgx2,sgx_kss=off,+avx,-vmx,sgx-aex-notify=on,pmu=off").cpu
     assert cpu.model == "host" and cpu.typename == "host-x86_64-cpu"
     assert cpu.requested("sgx-provisionkey") is True and cpu.requested("sgx2") is False
     assert cpu.requested("sgx-kss") is False               # '_' -> '-' (feat2prop)
@@ -107,7 +112,7 @@ def test_cpu_features_sgx_names_and_passthrough_names():
 
 
 def test_plus_and_minus_win_over_key_value_and_warn_as_ambiguous():
-    cfg = parse_qemu_args("-cpu host,+sgx2,sgx2=off")
+    cfg = parse_qemu_args("-accel kvm -cpu host,+sgx2,sgx2=off")
     assert cfg.cpu.requested("sgx2") is True
     assert cfg.warnings == (
         'qemu-system-x86_64: warning: Ambiguous CPU model string. Don\'t mix both "+sgx2" and "sgx2=off"',
@@ -129,9 +134,11 @@ def test_numa_nodes_are_parsed_with_cpus_and_memdev():
         (0, (0, 1), "r0", GiB), (1, (2, 3), "r1", GiB)]
 
 
-def test_legacy_node_less_form_with_require_epc_node_false():
-    cfg = parse_qemu_args(f"-cpu host {EPC0} -M sgx-epc.0.memdev=m0", require_epc_node=False)
+def test_qemu_6_2_has_no_epc_node_and_places_every_section_on_node_0():
+    cfg = parse_qemu_args(f"-accel kvm -cpu host {EPC0} -M sgx-epc.0.memdev=m0", qemu_version="6.2")
     assert cfg.sgx_epc[0].node == 0
+    assert str(qemu_error(f"-accel kvm -cpu host {EPC0} -M sgx-epc.0.memdev=m0", qemu_version="7.0")) == (
+        "qemu-system-x86_64: Parameter 'sgx-epc.0.node' is missing")
 
 
 # ---------------------------------------------------------------- QEMU's errors
@@ -139,7 +146,7 @@ def test_legacy_node_less_form_with_require_epc_node_false():
 def test_size_zero_is_rejected_by_the_backend_size_property():
     # backends/hostmem.c host_memory_backend_set_size fires before hostmem-epc.c's
     # "can't create backend with size 0" can (size is mandatory in MemoryBackendProperties).
-    e = qemu_error("-cpu host -object memory-backend-epc,id=m0,size=0 -M sgx-epc.0.memdev=m0,sgx-epc.0.node=0")
+    e = qemu_error("-accel kvm -cpu host -object memory-backend-epc,id=m0,size=0 -M sgx-epc.0.memdev=m0,sgx-epc.0.node=0")
     assert str(e) == "qemu-system-x86_64: property 'size' of memory-backend-epc doesn't take value '0'"
     assert e.message == "property 'size' of memory-backend-epc doesn't take value '0'"
     assert e.location is None
@@ -151,35 +158,35 @@ def test_missing_size_is_reported_at_parse_time_with_the_option():
 
 
 def test_unknown_memdev_is_qemus_missing_link_target():
-    e = qemu_error(f"-cpu host {EPC0} -M sgx-epc.0.memdev=nosuch,sgx-epc.0.node=0")
+    e = qemu_error(f"-accel kvm -cpu host {EPC0} -M sgx-epc.0.memdev=nosuch,sgx-epc.0.node=0")
     assert str(e) == "qemu-system-x86_64: Device 'nosuch' not found"
     assert e.qmp == {"class": "DeviceNotFound", "desc": "Device 'nosuch' not found"}
 
 
 def test_memdev_of_the_wrong_type():
-    e = qemu_error("-cpu host -object memory-backend-ram,id=r0,size=64M -M sgx-epc.0.memdev=r0,sgx-epc.0.node=0")
+    e = qemu_error("-accel kvm -cpu host -object memory-backend-ram,id=r0,size=64M -M sgx-epc.0.memdev=r0,sgx-epc.0.node=0")
     assert str(e) == "qemu-system-x86_64: Invalid parameter type for 'memdev', expected: memory-backend-epc"
 
 
 def test_memdev_used_twice_is_busy():
-    e = qemu_error(f"-cpu host {EPC0} -M sgx-epc.0.memdev=m0,sgx-epc.0.node=0,sgx-epc.1.memdev=m0,sgx-epc.1.node=0")
+    e = qemu_error(f"-accel kvm -cpu host {EPC0} -M sgx-epc.0.memdev=m0,sgx-epc.0.node=0,sgx-epc.1.memdev=m0,sgx-epc.1.node=0")
     assert str(e) == "qemu-system-x86_64: can't use already busy memdev: m0"
 
 
 def test_memdev_used_by_numa_is_busy_for_sgx_epc():
-    e = qemu_error("-m 64M -cpu host -object memory-backend-epc,id=m0,size=64M -numa node,memdev=m0 "
+    e = qemu_error("-m 64M -accel kvm -cpu host -object memory-backend-epc,id=m0,size=64M -numa node,memdev=m0 "
                    "-M sgx-epc.0.memdev=m0,sgx-epc.0.node=0")
     assert str(e) == "qemu-system-x86_64: can't use already busy memdev: m0"
 
 
 def test_sgx_epc_without_sgx_in_the_cpu_model_is_refused_by_this_model_only():
-    for cpu in ("-cpu host,-sgx", "-cpu host,sgx=off", ""):
-        e = qemu_error(f"{cpu} {EPC0} -M sgx-epc.0.memdev=m0,sgx-epc.0.node=0")
+    for cpu in ("-accel kvm -cpu host,-sgx", "-accel kvm -cpu host,sgx=off", "-accel kvm", "-accel kvm -cpu Icelake-Server"):
+        e = qemu_error(f"{cpu} {EPC0} -M sgx-epc.0.memdev=m0,sgx-epc.0.node=0", require_sgx_cpu=True)
         assert e.vepc_only
         assert str(e).startswith("qemu-system-x86_64: sgx-epc is configured but CPU model ")
         assert "has SGX disabled" in str(e)
     # QEMU itself accepts it (the guest just sees CPUID.0x12 all zero)
-    cfg = parse_qemu_args(f"-cpu host,-sgx {EPC0} -M sgx-epc.0.memdev=m0,sgx-epc.0.node=0", require_sgx_cpu=False)
+    cfg = parse_qemu_args(f"-accel kvm -cpu host,-sgx {EPC0} -M sgx-epc.0.memdev=m0,sgx-epc.0.node=0", require_sgx_cpu=False)
     assert cfg.sgx_epc and cfg.cpu.requested("sgx") is False
 
 
@@ -206,20 +213,20 @@ def test_sgx_epc_without_sgx_in_the_cpu_model_is_refused_by_this_model_only():
      "qemu-system-x86_64: -object memory-backend-epc,id=m,size=1M,prealloc=maybe: Parameter 'prealloc' expects 'on' or 'off'"),
     ("-object memory-backend-eppc,id=m,size=1M",
      "qemu-system-x86_64: -object memory-backend-eppc,id=m,size=1M: Parameter 'qom-type' does not accept value 'memory-backend-eppc'"),
-    (f"-cpu host {EPC0} -M sgx-epc.0.memdev=m0",
+    (f"-accel kvm -cpu host {EPC0} -M sgx-epc.0.memdev=m0",
      "qemu-system-x86_64: Parameter 'sgx-epc.0.node' is missing"),
-    (f"-cpu host {EPC0} -M sgx-epc.0.memdev=m0,sgx-epc.0.node=x",
+    (f"-accel kvm -cpu host {EPC0} -M sgx-epc.0.memdev=m0,sgx-epc.0.node=x",
      "qemu-system-x86_64: Parameter 'sgx-epc.0.node' expects integer"),
-    (f"-cpu host {EPC0} -M sgx-epc.0.memdev=m0,sgx-epc.0.node=0,sgx-epc.2.memdev=m0,sgx-epc.2.node=0",
+    (f"-accel kvm -cpu host {EPC0} -M sgx-epc.0.memdev=m0,sgx-epc.0.node=0,sgx-epc.2.memdev=m0,sgx-epc.2.node=0",
      "qemu-system-x86_64: -M sgx-epc.0.memdev=m0,sgx-epc.0.node=0,sgx-epc.2.memdev=m0,sgx-epc.2.node=0: "
      "Parameter 'sgx-epc.1' missing"),
     ("-M pc,foo=bar", "qemu-system-x86_64: Property 'pc-i440fx-10.0-machine.foo' not found"),
-    ("-M microvm", "qemu-system-x86_64: unsupported machine type"),
-    ("-cpu Skylake-Server", "qemu-system-x86_64: unable to find CPU model 'Skylake-Server'"),
-    ("-cpu host,foo", "qemu-system-x86_64: can't apply global host-x86_64-cpu.foo=on: "
+    ("-M bogus", 'qemu-system-x86_64: unsupported machine type: "bogus"'),
+    ("-cpu Skylake-Serverx", "qemu-system-x86_64: unable to find CPU model 'Skylake-Serverx'"),
+    ("-accel kvm -cpu host,foo", "qemu-system-x86_64: can't apply global host-x86_64-cpu.foo=on: "
                       "Property 'host-x86_64-cpu.foo' not found"),
-    ("-cpu host,+foo", "qemu-system-x86_64: Property 'host-x86_64-cpu.foo' not found"),
-    ("-cpu host,sgx=maybe", "qemu-system-x86_64: can't apply global host-x86_64-cpu.sgx=maybe: "
+    ("-accel kvm -cpu host,+foo", "qemu-system-x86_64: Property 'host-x86_64-cpu.foo' not found"),
+    ("-accel kvm -cpu host,sgx=maybe", "qemu-system-x86_64: can't apply global host-x86_64-cpu.sgx=maybe: "
                             "Parameter 'sgx' expects 'on' or 'off'"),
     ("-m 2G,maxmem=1G", "qemu-system-x86_64: invalid value of maxmem: maximum memory size (0x40000000) must be "
                         "at least the initial memory size (0x80000000)"),
@@ -271,7 +278,7 @@ def test_errors_are_reported_in_qemus_stage_order():
     e = qemu_error("-M nosuch -object memory-backend-epc,id=m0")
     assert e.message == "Parameter 'size' is missing"
     # ... and a bad memdev (machine init) wins over a bad CPU feature (CPU realize)
-    e = qemu_error(f"-cpu host,+nosuch {EPC0} -M sgx-epc.0.memdev=zz,sgx-epc.0.node=0")
+    e = qemu_error(f"-accel kvm -cpu host,+nosuch {EPC0} -M sgx-epc.0.memdev=zz,sgx-epc.0.node=0")
     assert e.message == "Device 'zz' not found"
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 
 import pytest
+from dataclasses import replace
 
 from vepc.arch.constants import Attribute, PageType
 from vepc.arch.structs import Secs
@@ -31,7 +32,7 @@ def epc_args(*sections, ram="2G", cpu="host", extra=""):
     for i, (size, prealloc, node) in enumerate(sections):
         objs.append(f"-object memory-backend-epc,id=m{i},size={size},prealloc={'on' if prealloc else 'off'}")
         ms.append(f"sgx-epc.{i}.memdev=m{i},sgx-epc.{i}.node={node}")
-    return f"-m {ram} -cpu {cpu} {' '.join(objs)} -M pc,{','.join(ms)} {extra}".strip()
+    return f"-m {ram} -accel kvm -cpu {cpu} {' '.join(objs)} -M pc,{','.join(ms)} {extra}".strip()
 
 
 @pytest.fixture(scope="module")
@@ -220,14 +221,14 @@ def test_cpuid_sub_leaf_2_of_a_2g_vm_with_a_64m_section():
 
 
 @pytest.mark.parametrize("args, message", [
-    ("-m 2G -cpu host -object memory-backend-epc,id=m0,size=0 -M sgx-epc.0.memdev=m0,sgx-epc.0.node=0",
+    ("-m 2G -accel kvm -cpu host -object memory-backend-epc,id=m0,size=0 -M sgx-epc.0.memdev=m0,sgx-epc.0.node=0",
      "property 'size' of memory-backend-epc doesn't take value '0'"),
-    ("-m 2G -cpu host -object memory-backend-epc,id=m0,size=8M -M sgx-epc.0.memdev=nope,sgx-epc.0.node=0",
+    ("-m 2G -accel kvm -cpu host -object memory-backend-epc,id=m0,size=8M -M sgx-epc.0.memdev=nope,sgx-epc.0.node=0",
      "Device 'nope' not found"),
-    ("-m 2G -cpu host -object memory-backend-epc,id=m0,size=8M -M sgx-epc.0.memdev=m0,sgx-epc.0.node=0,"
+    ("-m 2G -accel kvm -cpu host -object memory-backend-epc,id=m0,size=8M -M sgx-epc.0.memdev=m0,sgx-epc.0.node=0,"
      "sgx-epc.1.memdev=m0,sgx-epc.1.node=0", "can't use already busy memdev: m0"),
-    ("-m 2G -cpu host,-sgx -object memory-backend-epc,id=m0,size=8M -M sgx-epc.0.memdev=m0,sgx-epc.0.node=0",
-     "sgx"),
+    ("-m 2G -cpu host -object memory-backend-epc,id=m0,size=8M -M sgx-epc.0.memdev=m0,sgx-epc.0.node=0",
+     "CPU model 'host' requires KVM or HVF"),
 ])
 def test_bad_options_fail_with_qemus_message(args, message):
     host = Machine.build(epc=["64M@0"])
@@ -239,10 +240,23 @@ def test_bad_options_fail_with_qemus_message(args, message):
 
 
 def test_memory_backend_epc_is_an_invalid_object_type_without_sgx_vepc():
-    host = Machine.build(epc=["64M@0"], vmx=False)
+    host = Machine.build(epc=["64M@0"], boot=False)
+    host.kernel.config = replace(host.kernel.config, x86_sgx_kvm=False)   # CONFIG_X86_SGX_KVM=n
+    host.kernel.boot()
+    assert "/dev/sgx_vepc" not in host.kernel.devices
     with pytest.raises(QemuError) as e:
         QemuVm(host, epc_args(("8M", False, 0)))
     assert "invalid object type: memory-backend-epc" in str(e.value)
+
+
+def test_a_host_without_vmx_fails_to_initialize_kvm():
+    # accel/kvm/kvm-all.c kvm_init: no /dev/kvm; "-accel kvm" has no fallback (vl.c configure_accelerators)
+    host = Machine.build(epc=["64M@0"], vmx=False)
+    with pytest.raises(QemuError) as e:
+        QemuVm(host, epc_args(("8M", False, 0)))
+    assert e.value.report.splitlines() == [
+        "qemu-system-x86_64: Could not access KVM kernel module: No such file or directory",
+        "qemu-system-x86_64: failed to initialize kvm: No such file or directory"]
 
 
 def test_query_sgx_and_info_sgx_have_qemus_field_names():

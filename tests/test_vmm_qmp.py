@@ -15,7 +15,7 @@ from vepc.vmm.qmp import hmp_info_sgx, query_sgx, query_sgx_capabilities
 
 MiB = 1 << 20
 
-NUMA_CMD = ("-m 4G -M q35 -smp 4 -cpu host "
+NUMA_CMD = ("-m 4G -M q35 -smp 4 -accel kvm -cpu host "
             "-object memory-backend-ram,id=ram0,size=2G -object memory-backend-ram,id=ram1,size=2G "
             "-numa node,nodeid=0,cpus=0-1,memdev=ram0 -numa node,nodeid=1,cpus=2-3,memdev=ram1 "
             "-object memory-backend-epc,id=mem0,size=64M -object memory-backend-epc,id=mem1,size=28M "
@@ -35,7 +35,7 @@ def test_query_sgx_reports_sections_with_their_numa_nodes():
 
 
 def test_query_sgx_flags_are_hard_coded_true_even_if_the_cpu_lacks_sgx2():
-    cfg = parse_qemu_args("-cpu host,-sgx2,-sgxlc -object memory-backend-epc,id=m0,size=4M "
+    cfg = parse_qemu_args("-accel kvm -cpu host,-sgx2,-sgxlc -object memory-backend-epc,id=m0,size=4M "
                           "-M sgx-epc.0.memdev=m0,sgx-epc.0.node=0")
     info = query_sgx(cfg)
     assert (info["sgx2"], info["flc"]) == (True, True)
@@ -43,7 +43,7 @@ def test_query_sgx_flags_are_hard_coded_true_even_if_the_cpu_lacks_sgx2():
 
 def test_query_sgx_without_epc_sections_is_an_error():
     with pytest.raises(QemuError) as e:
-        query_sgx(parse_qemu_args("-m 1G -cpu host"))
+        query_sgx(parse_qemu_args("-m 1G -accel kvm -cpu host"))
     assert str(e.value) == "No EPC regions defined, SGX not available"
     assert e.value.qmp == {"class": "GenericError", "desc": "No EPC regions defined, SGX not available"}
 

@@ -3,8 +3,13 @@ guest see (``info sgx``, the guest's CPUID 0x12, ``query-sgx``, ``query-sgx-capa
 
 Example::
 
-    vepc qemu --host-epc 64M@0,64M@1 -- -m 2G -cpu host \\
+    vepc qemu --host-epc 64M@0,64M@1 -- -m 2G -accel kvm -cpu host \\
         -object memory-backend-epc,id=m0,size=32M,prealloc=on -M sgx-epc.0.memdev=m0,sgx-epc.0.node=0
+
+Exit status as QEMU's: a refusal QEMU makes prints QEMU's lines (warnings, the error, its hint) and
+exits 1; a check only this model makes (``--strict``, a bad ``--host-epc``) prints one ``vepc:`` line
+and exits 2.  A failed KVM_RUN (``error: kvm run failed Bad address``) stops the VM as QEMU does
+(``vm_stop(RUN_STATE_INTERNAL_ERROR)``); the report then says so and the status is 1.
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ import json
 import sys
 
 import click
+
+from vepc.vmm.qemu_version import DEFAULT_QEMU_VERSION, QemuVersion
 
 __all__ = ["register"]
 
@@ -30,17 +37,24 @@ def register(cli: click.Group) -> None:
                   help="Host EPC sections as SIZE@NODE, comma separated, in CPUID order.")
     @click.option("--host-kernel", default="6.8", show_default=True, help='Host kernel version ("5.15": no REMOVE_ALL).')
     @click.option("--json", "as_json", is_flag=True, help="Print query-sgx, query-sgx-capabilities and CPUID as JSON.")
+    @click.option("--qemu-version", default=str(DEFAULT_QEMU_VERSION), show_default=True,
+                  help="QEMU release to behave as (6.2 .. 10.1): machine types, removed options, query-sgx fields.")
+    @click.option("--strict", is_flag=True,
+                  help="Refuse options the model accepts but ignores, and EPC for a guest that cannot have SGX.")
+    @click.option("--intel-qemu-sgx", is_flag=True, help="Accept -sgx-epc of the pre-upstream intel/qemu-sgx tree.")
     @click.argument("qemu_args", nargs=-1, type=click.UNPROCESSED)
-    def qemu_cmd(host_epc: str, host_kernel: str, as_json: bool, qemu_args: tuple[str, ...]) -> None:
+    def qemu_cmd(host_epc: str, host_kernel: str, as_json: bool, qemu_version: str, strict: bool,
+                 intel_qemu_sgx: bool, qemu_args: tuple[str, ...]) -> None:
         """Boot a VM from QEMU options on a model host; print `info sgx` and the guest's CPUID 0x12.
 
         \b
         Example:
-          vepc qemu --host-epc 64M@0,64M@1 -- -m 2G -cpu host \\
+          vepc qemu --host-epc 64M@0,64M@1 -- -m 2G -accel kvm -cpu host \\
             -object memory-backend-epc,id=m0,size=32M,prealloc=on \\
             -M sgx-epc.0.memdev=m0,sgx-epc.0.node=0
         """
         from vepc.kernel.kernel import SgxUnavailable
+        from vepc.kvm import KvmExit, KvmRunError
         from vepc.machine import Machine
         from vepc.vmm.cpuid import cpuid_rows
         from vepc.vmm.errors import QemuError
@@ -53,22 +67,39 @@ def register(cli: click.Group) -> None:
         except (ValueError, SgxUnavailable) as e:
             _fail(f"--host-epc: {e}")
         try:
-            vm = QemuVm(host, list(qemu_args), name="vm")
+            QemuVersion.parse(qemu_version)
+        except ValueError as e:
+            _fail(f"--qemu-version: {e}")
+        stopped = False
+        try:
+            vm = QemuVm(host, list(qemu_args), name="vm", qemu_version=qemu_version, strict=strict,
+                        intel_qemu_sgx=intel_qemu_sgx)
             vm.start()
         except QemuError as e:
-            _fail(str(e))
+            if e.vepc_only:
+                for line in e.preface:
+                    click.echo(line, err=True)
+                _fail(e.message)
+            click.echo(e.report, err=True)
+            sys.exit(1)
+        except (KvmRunError, KvmExit):
+            stopped = True                    # the VM stopped (internal-error); QEMU's line is in vm.stderr
         leaves = {k: v for k, v in sorted(vm.cpuid.items()) if k[0] == 0x12}
         if as_json:
             out = {"query-sgx": vm.query_sgx(), "query-sgx-capabilities": vm.query_sgx_capabilities(),
                    "cpuid": [{"leaf": f"{l:#x}", "subleaf": s, "eax": f"{r[0]:#010x}", "ebx": f"{r[1]:#010x}",
                               "ecx": f"{r[2]:#010x}", "edx": f"{r[3]:#010x}"} for (l, s), r in leaves.items()],
-                   "state": vm.state, "error": vm.error,
+                   "frontend": vm.frontend, "state": vm.state, "error": vm.error,
                    "epc_committed_bytes": vm.epc_committed_bytes(),
                    "guest_dmesg": vm.guest.dmesg_lines("sgx") if vm.guest else []}
             click.echo(json.dumps(out, indent=2))
-            return
+            sys.exit(1 if stopped else 0)
         for line in vm.stderr:
             click.echo(line, err=True)
+        click.echo(f"front end: {vm.frontend} {vm.config.qemu_version} ({vm.config.machine.type}, "
+                   f"accel {vm.config.accel}, cpu {vm.config.cpu.model})")
+        if stopped:
+            click.echo("VM stopped: internal-error (the vCPU's KVM_RUN failed; QEMU keeps the process and its EPC)")
         click.echo("(qemu) info sgx")
         click.echo(vm.info_sgx())
         click.echo("\nguest CPUID 0x12:")
@@ -81,3 +112,5 @@ def register(cli: click.Group) -> None:
         c = host.kernel.pool.counts()
         click.echo(f"\nhost: {vm.epc_committed_bytes() >> 20} MiB of EPC committed to the VM; "
                    f"{c['free'] * 4096 >> 20} MiB free of {c['total'] * 4096 >> 20} MiB")
+        if stopped:
+            sys.exit(1)

@@ -46,11 +46,11 @@ kernel = "6.8"
 
 [[vm]]
 name = "web"
-qemu = "-m 1G -cpu host -object memory-backend-epc,id=m0,size=4M,prealloc=on -M sgx-epc.0.memdev=m0,sgx-epc.0.node=0"
+qemu = "-m 1G -accel kvm -cpu host -object memory-backend-epc,id=m0,size=4M,prealloc=on -M sgx-epc.0.memdev=m0,sgx-epc.0.node=0"
 
 [[vm]]
 name = "db"
-qemu = "-m 1G -cpu host -smp 2 -object memory-backend-ram,id=r0,size=512M -object memory-backend-ram,id=r1,size=512M -numa node,nodeid=0,cpus=0,memdev=r0 -numa node,nodeid=1,cpus=1,memdev=r1 -object memory-backend-epc,id=m0,size=2M -object memory-backend-epc,id=m1,size=2M -M sgx-epc.0.memdev=m0,sgx-epc.0.node=0,sgx-epc.1.memdev=m1,sgx-epc.1.node=1"
+qemu = "-m 1G -accel kvm -cpu host -smp 2 -object memory-backend-ram,id=r0,size=512M -object memory-backend-ram,id=r1,size=512M -numa node,nodeid=0,cpus=0,memdev=r0 -numa node,nodeid=1,cpus=1,memdev=r1 -object memory-backend-epc,id=m0,size=2M -object memory-backend-epc,id=m1,size=2M -M sgx-epc.0.memdev=m0,sgx-epc.0.node=0,sgx-epc.1.memdev=m1,sgx-epc.1.node=1"
 
 [[step]]
 do = "enclave"

@@ -6,7 +6,7 @@ in any test session of an environment that has vepc:
 * ``sgx_host`` -- a booted model host (:class:`vepc.machine.Machine`); ``@pytest.mark.sgx_host(...)``
   chooses its EPC sections and features: ``epc=["64M@0", "64M@1"]`` (SIZE@NODE in CPUID order),
   ``sgx2``, ``flc``, ``kvm`` (booleans, default true), ``kernel="6.8"`` (``"5.15"``: before REMOVE_ALL);
-* ``qemu_vm`` -- a factory: ``qemu_vm("-m 2G -cpu host -object memory-backend-epc,...", name="web")``
+* ``qemu_vm`` -- a factory: ``qemu_vm("-m 2G -accel kvm -cpu host -object memory-backend-epc,...", name="web")``
   launches QEMU on ``sgx_host`` (:class:`vepc.vmm.qemu.QemuVm`; ``start=False`` to only configure it);
   a launch QEMU refuses raises :class:`vepc.vmm.errors.QemuError` with QEMU's line;
 * ``assert_no_epc_leak`` -- call it once every VM and process is gone: every EPC page is free again
@@ -18,7 +18,7 @@ Example (``examples/test_my_vmm.py`` has more)::
 
     @pytest.mark.sgx_host(epc=["32M@0"])
     def test_vm_releases_its_epc(sgx_host, qemu_vm, assert_no_epc_leak):
-        vm = qemu_vm("-m 1G -cpu host -object memory-backend-epc,id=m0,size=8M,prealloc=on "
+        vm = qemu_vm("-m 1G -accel kvm -cpu host -object memory-backend-epc,id=m0,size=8M,prealloc=on "
                      "-M sgx-epc.0.memdev=m0,sgx-epc.0.node=0", name="web")
         assert vm.epc_committed_bytes() == 8 << 20
         vm.kill()

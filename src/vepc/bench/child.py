@@ -49,7 +49,7 @@ def vms(host_epc: str, count: str, vm_epc: str) -> dict:
     from vepc.vmm.qemu import QemuVm
 
     host = Machine.build(epc=[f"{host_epc}@0"])
-    args = (f"-m 1G -cpu host -object memory-backend-epc,id=m0,size={vm_epc},prealloc=on "
+    args = (f"-m 1G -accel kvm -cpu host -object memory-backend-epc,id=m0,size={vm_epc},prealloc=on "
             "-M sgx-epc.0.memdev=m0,sgx-epc.0.node=0")
     n = int(count)
     t0 = time.perf_counter()

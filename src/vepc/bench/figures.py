@@ -171,7 +171,7 @@ def aes_gcm_rate(data: bytes) -> float:
 
 # -- model set-ups ----------------------------------------------------------------------------------------
 def _qemu_args(epc_bytes: int, prealloc: bool = False) -> str:
-    return (f"-m 1G -cpu host -object memory-backend-epc,id=m0,size={_size_text(epc_bytes)},"
+    return (f"-m 1G -accel kvm -cpu host -object memory-backend-epc,id=m0,size={_size_text(epc_bytes)},"
             f"prealloc={'on' if prealloc else 'off'} -M sgx-epc.0.memdev=m0,sgx-epc.0.node=0")
 
 

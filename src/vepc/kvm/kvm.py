@@ -60,9 +60,11 @@ class Kvm:
         """``KVM_GET_SUPPORTED_CPUID`` for the SGX-relevant leaves (§4.7)."""
         eax, ebx, ecx, edx = self.processor.cpuid(leaf, subleaf)
         if leaf == 0x7 and subleaf == 0:
-            ebx = ebx & CPUID_7_EBX_SGX if self.enable_sgx else 0
-            ecx = ecx & CPUID_7_ECX_SGX_LC if (self.enable_sgx and self.host_sgx_lc) else 0
-            return (0, ebx, ecx, 0)
+            # SGX and SGX_LC only while KVM's SGX support is on (vmx.c vmx_set_cpu_caps: enable_sgx, and
+            # SGX_LC only with writable LE hash MSRs); the other feature bits pass through.
+            sgx = ebx & CPUID_7_EBX_SGX if self.enable_sgx else 0
+            lc = ecx & CPUID_7_ECX_SGX_LC if (self.enable_sgx and self.host_sgx_lc) else 0
+            return (0, ebx & ~CPUID_7_EBX_SGX | sgx, ecx & ~CPUID_7_ECX_SGX_LC | lc, edx)
         if leaf == 0x12:
             if not self.enable_sgx or subleaf > 1:
                 return (0, 0, 0, 0)

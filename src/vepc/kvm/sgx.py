@@ -168,7 +168,7 @@ def handle_encls_ecreate(vcpu: "Vcpu", rbx: int, rcx: int) -> int:
     miscselect, attributes, xfrm, size = secs.miscselect, secs.attributes, secs.xfrm, secs.size
     if attributes & Attribute.PROVISIONKEY and not vcpu.vm.sgx_provisioning_allowed:
         if s1[0] & Attribute.PROVISIONKEY:
-            vcpu.kvm.host.warn_once("kvm_sgx_provisionkey", "kvm: SGX PROVISIONKEY advertised but not allowed")
+            vcpu.kvm.host.warn_once("kvm_sgx_provisionkey", "kvm_intel: SGX PROVISIONKEY advertised but not allowed")
         raise GeneralProtection(reason="ECREATE: PROVISIONKEY not allowed for this VM")
     if (miscselect & ~s0[1] or (attributes & 0xFFFFFFFF) & ~s1[0] or (attributes >> 32) & ~s1[1]
             or (xfrm & 0xFFFFFFFF) & ~s1[2] or (xfrm >> 32) & ~s1[3]

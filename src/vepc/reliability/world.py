@@ -48,7 +48,7 @@ def qemu_args(sections: list[tuple[int, bool, int]], smp: int = 1, cpu: str = "h
         objs.append(f"-object memory-backend-epc,id=m{i},size={kib}K,prealloc={'on' if prealloc else 'off'}")
         ms.append(f"sgx-epc.{i}.memdev=m{i},sgx-epc.{i}.node={node}")
     numa = NUMA2 if any(node for _, _, node in sections) else (f"-smp {smp}" if smp > 1 else "")
-    return f"-m 512M -cpu {cpu} {' '.join(objs)} -M pc,{','.join(ms)} {numa}".strip()
+    return f"-m 512M -accel kvm -cpu {cpu} {' '.join(objs)} -M pc,{','.join(ms)} {numa}".strip()
 
 
 class eremove_race:

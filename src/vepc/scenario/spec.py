@@ -11,7 +11,7 @@ The format is documented in ``docs/scenarios.md``; a small one::
     epc = ["64M@0"]
     [[vm]]
     name = "web"
-    qemu = "-m 2G -cpu host -object memory-backend-epc,id=m0,size=8M,prealloc=on -M sgx-epc.0.memdev=m0,sgx-epc.0.node=0"
+    qemu = "-m 2G -accel kvm -cpu host -object memory-backend-epc,id=m0,size=8M,prealloc=on -M sgx-epc.0.memdev=m0,sgx-epc.0.node=0"
     [[step]]
     do = "start"
     vm = "web"

@@ -57,6 +57,11 @@ class ProcessorConfig:
     feature_control: int = DEFAULT_FEATURE_CONTROL
     nr_lps: int = 2
     seed: int = 0
+    #: CPUID.7.0 EBX/ECX/EDX bits other than SGX/SGX_LC: an Ice Lake-SP (QEMU's Icelake-Server-v4 table
+    #: entry) without the AVX-512 family and PKU, whose state components the model's ``xcr0`` (x87, SSE,
+    #: AVX) does not have.  EBX: fsgsbase bmi1 avx2 smep bmi2 erms invpcid rdseed adx smap clflushopt clwb
+    #: sha-ni; ECX: umip gfni vaes vpclmulqdq la57 rdpid; EDX: fsrm spec-ctrl arch-capabilities ssbd.
+    features_7_0: tuple[int, int, int] = (0x219C07A9, 0x00410704, 0xA4000010)
 
 
 LeafFn = Callable[..., int]
@@ -115,7 +120,9 @@ class Processor:
         if leaf == 0x1:
             return (0, 0, CPUID_1_ECX_VMX if c.vmx else 0, 0)
         if leaf == 0x7 and subleaf == 0:
-            return (0, CPUID_7_EBX_SGX if c.sgx1 else 0, CPUID_7_ECX_SGX_LC if (c.flc and c.sgx1) else 0, 0)
+            ebx, ecx, edx = c.features_7_0
+            return (0, ebx & ~CPUID_7_EBX_SGX | (CPUID_7_EBX_SGX if c.sgx1 else 0),
+                    ecx & ~CPUID_7_ECX_SGX_LC | (CPUID_7_ECX_SGX_LC if (c.flc and c.sgx1) else 0), edx)
         if leaf == 0xD and subleaf == 0:
             return (c.xcr0 & 0xFFFFFFFF, 0, 0, c.xcr0 >> 32)
         if leaf != 0x12 or not c.sgx1:

@@ -2,7 +2,7 @@
 
 Everything follows target/i386/cpu.c:
 
-* feature words (``x86_cpu_expand_features`` + ``x86_cpu_filter_features``): for ``-cpu host``/``max``
+* feature words (``x86_cpu_expand_features`` + ``x86_cpu_filter_features``): for ``-accel kvm -cpu host``/``max``
   every bit KVM supports is on unless the user switched it off; a bit the user switched on that KVM
   lacks is dropped with QEMU's warning ("host doesn't support requested feature: ...") — so ``-cpu``
   can restrict but never add;
@@ -22,7 +22,7 @@ fixed by 72497cff "Change wrong XFRM value in SGX CPUID leaf", in 7.2.3/8.0.1) i
 
 >>> from vepc.vmm.options import parse_qemu_args
 >>> from vepc.vmm.layout import build_layout
->>> cfg = parse_qemu_args("-m 2G -cpu host -object memory-backend-epc,id=m0,size=64M "
+>>> cfg = parse_qemu_args("-m 2G -accel kvm -cpu host -object memory-backend-epc,id=m0,size=64M "
 ...                       "-M sgx-epc.0.memdev=m0,sgx-epc.0.node=0")
 >>> leaves = build_sgx_cpuid(cfg.cpu, kvm_7_0=(0, 1 << 2, 1 << 30, 0), kvm_12_0=(0x3, 0x1, 0, 0x241f),
 ...     kvm_12_1=(0x6f6, 0, 0xe7, 0), host_12_2=(0x70200001, 0, 0x05d80001, 0), xcr0=0x7,
@@ -92,28 +92,45 @@ def _supported(kvm_7_0: Regs, kvm_12_0: Regs, kvm_12_1: Regs) -> dict[str, int]:
             "FEAT_SGX_12_1_EAX": kvm_12_1[0]}
 
 
-def guest_features(cpu: CpuConfig, *, kvm_7_0: Regs, kvm_12_0: Regs, kvm_12_1: Regs) -> GuestFeatures:
+def _tcg_supported() -> dict[str, int]:
+    """cpu.c ``tcg_features``: what TCG can offer in the SGX-relevant words (no SGX bit at all)."""
+    from vepc.vmm.cpu_models import TCG_FEATURES
+    out = {}
+    for key in SGX_FEATURE_WORDS:
+        names = FEATURE_WORDS[key].names
+        out[key] = sum(1 << names.index(n) for n in TCG_FEATURES.get(key, ()) if n in names)
+    return out
+
+
+def guest_features(cpu: CpuConfig, *, kvm_7_0: Regs, kvm_12_0: Regs, kvm_12_1: Regs,
+                   kvm: bool = True) -> GuestFeatures:
     """``x86_cpu_expand_features`` + ``x86_cpu_filter_features`` for the SGX-relevant words.
+
+    The starting bits are the named model's (``vepc.vmm.cpu_models``), or for ``host``/``max`` every
+    bit the accelerator supports; the user's ``+``/``-`` change them; then bits the accelerator lacks
+    are dropped with "host doesn't support requested feature" (KVM) or "TCG doesn't support requested
+    feature" (``kvm=False``: ``accel_uses_host_cpuid()`` is false).
 
     Raises ``QemuError`` "Host doesn't support requested features" under ``-cpu ...,enforce`` when a
     requested bit is missing (cpu.c ``x86_cpu_realizefn``).  Warnings are listed once; QEMU prints them
     once per vCPU.
 
     >>> from vepc.vmm.options import parse_qemu_args
-    >>> cpu = parse_qemu_args("-cpu host,+sgx2").cpu
+    >>> cpu = parse_qemu_args("-accel kvm -cpu host,+sgx2").cpu
     >>> g = guest_features(cpu, kvm_7_0=(0, 1 << 2, 0, 0), kvm_12_0=(1, 0, 0, 0), kvm_12_1=(0, 0, 0, 0))
     >>> g.has("sgx1"), g.has("sgx2")
     (True, False)
     >>> print(g.warnings[0])
     qemu-system-x86_64: warning: host doesn't support requested feature: CPUID[eax=12h,ecx=00h].EAX.sgx2 [bit 1]
     """
-    supported = _supported(kvm_7_0, kvm_12_0, kvm_12_1)
+    supported = _supported(kvm_7_0, kvm_12_0, kvm_12_1) if kvm else _tcg_supported()
+    prefix = "host" if kvm else "TCG"
     words: dict[str, int] = {}
     filtered: dict[str, int] = {}
     warnings: list[str] = []
     for key in SGX_FEATURE_WORDS:
         on, off = cpu.user_masks(key)
-        feats = on
+        feats = on | (cpu.base_bits(key) & ~off)
         if cpu.max_features:
             feats |= supported[key] & ~(on | off)     # "Override only features that weren't set explicitly"
         unavailable = feats & ~supported[key] & _U32
@@ -123,10 +140,12 @@ def guest_features(cpu: CpuConfig, *, kvm_7_0: Regs, kvm_12_0: Regs, kvm_12_1: R
         for bit in range(32):
             if unavailable >> bit & 1:
                 name = word.names[bit]
-                warnings.append(format_warning("host doesn't support requested feature: "
+                warnings.append(format_warning(f"{prefix} doesn't support requested feature: "
                                                f"{word.description()}{'.' + name if name else ''} [bit {bit}]"))
     if cpu.requested("enforce") and any(filtered.values()):
-        raise QemuError("Host doesn't support requested features")
+        e = QemuError("Host doesn't support requested features")
+        e.preface = warnings                     # x86_cpu_filter_features(verbose) printed them first
+        raise e
     return GuestFeatures(words=words, filtered=filtered, warnings=tuple(warnings))
 
 
@@ -134,12 +153,12 @@ def guest_xsave_components(cpu: CpuConfig, *, kvm_xcr0: int, kvm_7_0: Regs, kvm_
                            features: GuestFeatures | None = None) -> tuple[int, int]:
     """(XCR0 mask, XSS mask) QEMU enables for the guest: cpu.c ``x86_cpu_enable_xsave_components``
     (a component is on when its feature is on), then filtered by what KVM supports (0xD.0 EAX/EDX,
-    0xD.1 ECX/EDX).  ``-cpu host,-avx`` therefore drops YMM (bit 2) from the guest's XCR0.
+    0xD.1 ECX/EDX).  ``-accel kvm -cpu host,-avx`` therefore drops YMM (bit 2) from the guest's XCR0.
 
     >>> from vepc.vmm.options import parse_qemu_args
     >>> x = lambda spec: hex(guest_xsave_components(parse_qemu_args(spec).cpu, kvm_xcr0=0x2e7,
     ...                                             kvm_7_0=(0, 1 << 16, 0, 0))[0])
-    >>> x("-cpu host"), x("-cpu host,-avx"), x("-cpu host,-xsave")
+    >>> x("-accel kvm -cpu host"), x("-accel kvm -cpu host,-avx"), x("-accel kvm -cpu host,-xsave")
     ('0xe7', '0xe3', '0x0')
     """
     if features is None:
@@ -150,7 +169,7 @@ def guest_xsave_components(cpu: CpuConfig, *, kvm_xcr0: int, kvm_7_0: Regs, kvm_
             return features.words[word] & bits == bits
         # FEAT_1_ECX: no KVM value modelled; on for host/max unless switched off, else only if switched on.
         on, off = cpu.user_masks(word)
-        have = (bits if cpu.max_features else 0) & ~off | on
+        have = (bits if cpu.max_features else cpu.base_bits(word)) & ~off | on
         return have & bits == bits
 
     if not enabled("FEAT_1_ECX", 1 << 26):           # no XSAVE: no components at all
@@ -195,13 +214,13 @@ def build_sgx_cpuid(cpu: CpuConfig, *, kvm_7_0: Regs, kvm_12_0: Regs, kvm_12_1: 
     all zero; with it, 0, 1, one per section, and the all-zero terminator.
 
     >>> from vepc.vmm.options import parse_qemu_args
-    >>> cpu = parse_qemu_args("-cpu host,-sgx").cpu
+    >>> cpu = parse_qemu_args("-accel kvm -cpu host,-sgx").cpu
     >>> leaves = build_sgx_cpuid(cpu, kvm_7_0=(0, 4, 1 << 30, 0), kvm_12_0=(3, 1, 0, 0x241f),
     ...     kvm_12_1=(0x36, 0, 0xe7, 0), host_12_2=_ZERO, xcr0=7, provisioning=True, sections=[])
     >>> leaves[(7, 0)][1:3], leaves[(0x12, 0)], leaves[(0x12, 1)]
     ((0, 0), (0, 0, 0, 0), (0, 0, 0, 0))
     """
-    feats = guest_features(cpu, kvm_7_0=kvm_7_0, kvm_12_0=kvm_12_0, kvm_12_1=kvm_12_1)
+    feats = guest_features(cpu, kvm_7_0=kvm_7_0, kvm_12_0=kvm_12_0, kvm_12_1=kvm_12_1, kvm=kvm)
     w = feats.words
     # For host/max the words already hold every KVM bit, named or not (max_features ORs whole words).
     ebx7, ecx7, edx7 = w["FEAT_7_0_EBX"], w["FEAT_7_0_ECX"], w["FEAT_7_0_EDX"]
@@ -271,9 +290,8 @@ def build_guest_cpuid(kvm: Any, config: QemuConfig, layout: GuestLayout, *, prov
     7.0, 0xD.0 (EAX/EDX = the guest's XCR0 mask, EBX/ECX = its XSAVE area size), 0xD.1 (EAX = KVM's,
     ECX/EDX = XSS mask) and 0x12.*.  Filter warnings are appended to ``warnings`` if given.
 
-    ``kvm_accel=False`` reproduces QEMU without KVM (leaf 0x12 all zero).  Note that QEMU's default
-    accelerator is TCG unless ``-enable-kvm``/``-accel kvm`` is given, and TCG refuses ``-cpu host``
-    ("CPU model 'host' requires KVM or HVF"); this VMM always runs on KVM, so the default is True.
+    ``kvm_accel=False`` reproduces QEMU under TCG (its default accelerator): TCG's feature words, and
+    leaf 0x12 all zero.
 
     >>> class FakeKvm:
     ...     def supported_cpuid(self, leaf, sub):
@@ -283,7 +301,7 @@ def build_guest_cpuid(kvm: Any, config: QemuConfig, layout: GuestLayout, *, prov
     ...         return (0x1, 0, 0x1, 0) if (leaf, sub) == (0x12, 2) else (0, 0, 0, 0)
     >>> from vepc.vmm.options import parse_qemu_args
     >>> from vepc.vmm.layout import build_layout
-    >>> cfg = parse_qemu_args("-m 2G -cpu host,-avx512f -object memory-backend-epc,id=m0,size=64M "
+    >>> cfg = parse_qemu_args("-m 2G -accel kvm -cpu host,-avx512f -object memory-backend-epc,id=m0,size=64M "
     ...                       "-M sgx-epc.0.memdev=m0,sgx-epc.0.node=0")
     >>> leaves = build_guest_cpuid(FakeKvm(), cfg, build_layout(cfg), provisioning=False)
     >>> hex(leaves[(0xD, 0)][0]), hex(leaves[(0x12, 1)][0]), hex(leaves[(0x12, 1)][2])
@@ -295,7 +313,8 @@ def build_guest_cpuid(kvm: Any, config: QemuConfig, layout: GuestLayout, *, prov
     d0 = tuple(kvm.supported_cpuid(0xD, 0))
     d1 = tuple(kvm.supported_cpuid(0xD, 1))
     host_12_2 = tuple(kvm.host_cpuid(0x12, 2))
-    feats = guest_features(config.cpu, kvm_7_0=kvm_7_0, kvm_12_0=kvm_12_0, kvm_12_1=kvm_12_1)  # type: ignore[arg-type]
+    feats = guest_features(config.cpu, kvm_7_0=kvm_7_0, kvm_12_0=kvm_12_0, kvm_12_1=kvm_12_1,  # type: ignore[arg-type]
+                           kvm=kvm_accel)
     if warnings is not None:
         warnings.extend(feats.warnings)
     xcr0, xss = guest_xsave_components(config.cpu, kvm_xcr0=d0[0] | d0[3] << 32, kvm_7_0=kvm_7_0,  # type: ignore[arg-type]
@@ -305,7 +324,9 @@ def build_guest_cpuid(kvm: Any, config: QemuConfig, layout: GuestLayout, *, prov
                              sections=layout, xss=xss, kvm=kvm_accel, qemu_7_1_xfrm_bug=qemu_7_1_xfrm_bug)
     size = xsave_area_size(xcr0)
     leaves[(0xD, 0)] = (xcr0 & _U32, size, size, xcr0 >> 32 & _U32)
-    leaves[(0xD, 1)] = (d1[0] & _U32 if config.cpu.max_features else 0, 0, xss & _U32, xss >> 32 & _U32)
+    on, off = config.cpu.user_masks("FEAT_XSAVE")
+    xsave_feats = ((d1[0] if config.cpu.max_features else config.cpu.base_bits("FEAT_XSAVE")) & ~off | on) & d1[0]
+    leaves[(0xD, 1)] = (xsave_feats & _U32, 0, xss & _U32, xss >> 32 & _U32)
     return dict(sorted(leaves.items()))
 
 

@@ -60,7 +60,8 @@ class QemuError(ValueError):
     the first line exactly as QEMU prints it; ``report`` adds the hint lines.
 
     ``vepc_only`` marks the few checks QEMU itself does not make (see their comments); their message
-    is this model's own wording, still in QEMU's format.
+    is this model's own wording (the CLI prints it as ``vepc: MESSAGE`` and exits 2).  ``preface`` are
+    the lines (warnings) QEMU printed before this error.
 
     >>> e = QemuError("Parameter 'size' expects a non-negative number below 2^64", location="-m 8GB",
     ...               hint="Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\\n"
@@ -79,6 +80,7 @@ class QemuError(ValueError):
         self.is_qmp = qmp
         self.vepc_only = vepc_only
         self.error_class = error_class
+        self.preface: list[str] = []
         super().__init__(self.__str__())
 
     def __str__(self) -> str:
@@ -92,7 +94,7 @@ class QemuError(ValueError):
         text = str(self)
         if self.hint and not self.is_qmp:
             text += "\n" + self.hint.rstrip("\n")
-        return text
+        return "\n".join([*self.preface, text])
 
     @property
     def qmp(self) -> dict[str, Any]:

@@ -135,8 +135,8 @@ def split_ram(machine: str, ram_size: int, *, max_ram_below_4g: int | None = Non
     >>> [hex(x) for x in split_ram("pc", 4 << 30, gigabyte_align=False)]   # pc-1.7
     ['0xe0000000', '0x20000000']
     """
-    if machine == "pc":
-        # pc_piix.c pc_init1
+    if machine in ("pc", "isapc"):
+        # pc_piix.c pc_init1 (isapc: the same function, gigabyte_align false)
         limit = max_ram_below_4g or 0xE0000000          # default: 3.5G
         lowmem = limit
         if ram_size >= limit and gigabyte_align:
@@ -146,8 +146,11 @@ def split_ram(machine: str, ram_size: int, *, max_ram_below_4g: int | None = Non
         lowmem = 0x80000000 if ram_size >= 0xB0000000 else 0xB0000000
         limit = max_ram_below_4g or 4 * GiB
         lowmem = min(lowmem, limit)
+    elif machine == "microvm":
+        # microvm.c microvm_memory_init: everything above 3 GiB goes above 4 GiB
+        lowmem = 0xC0000000
     else:
-        raise ValueError(f"not a PC machine: {machine!r}")
+        raise ValueError(f"not an x86 machine the model lays out: {machine!r}")
     if ram_size >= lowmem:
         return lowmem, ram_size - lowmem
     return ram_size, 0
@@ -189,7 +192,7 @@ def layout_for(machine: str, ram_size: int, epc_sizes: Sequence[int] = (), *, no
     sections: list[EpcSectionLayout] = []
     epc_base: GuestPhysAddr | None = None
     total = 0
-    if epc_sizes:
+    if epc_sizes and machine != "microvm":        # microvm never calls pc_machine_init_sgx_epc
         epc_base = GuestPhysAddr(start + above)
         addrs, total = place_epc_sections(epc_base, epc_sizes)
         for i, (addr, size) in enumerate(zip(addrs, epc_sizes)):
@@ -212,7 +215,7 @@ def build_layout(config: QemuConfig) -> GuestLayout:
     """The layout of a parsed command line.
 
     >>> from vepc.vmm.options import parse_qemu_args
-    >>> cfg = parse_qemu_args("-m 4G -cpu host -object memory-backend-epc,id=m0,size=64M "
+    >>> cfg = parse_qemu_args("-m 4G -accel kvm -cpu host -object memory-backend-epc,id=m0,size=64M "
     ...                       "-M pc,sgx-epc.0.memdev=m0,sgx-epc.0.node=0")
     >>> lay = build_layout(cfg)
     >>> hex(lay.epc_base), hex(lay.epc_sections[0].last)

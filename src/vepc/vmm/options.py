@@ -19,7 +19,7 @@ hw/core/numa.c, hw/i386/sgx.c, hw/i386/sgx-epc.c, backends/hostmem.c, backends/h
 qom/object.c, qom/object_interfaces.c, qapi/opts-visitor.c, qapi/qobject-input-visitor.c,
 util/qemu-option.c, util/keyval.c, util/cutils.c, target/i386/cpu.c.
 
->>> cfg = parse_qemu_args("-m 2G -cpu host -object memory-backend-epc,id=m0,size=64M "
+>>> cfg = parse_qemu_args("-m 2G -accel kvm -cpu host -object memory-backend-epc,id=m0,size=64M "
 ...                       "-M q35,sgx-epc.0.memdev=m0,sgx-epc.0.node=0")
 >>> cfg.machine.family, cfg.memory.size, [(s.memdev, s.size) for s in cfg.sgx_epc]
 ('q35', 2147483648, [('m0', 67108864)])
@@ -38,18 +38,23 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any, Iterable, Sequence
 
-from vepc.vmm.errors import QemuError, format_warning
+from vepc.vmm import cpu_models
+from vepc.vmm.errors import QemuError, format_error, format_warning
+from vepc.vmm.machines import DEPRECATION_MSG, machine_type
+from vepc.vmm.qemu_version import DEFAULT_QEMU_VERSION, QemuVersion
+from vepc.vmm.qjson import JsonError, qobject_from_json
 
 __all__ = [
     "QemuConfig", "MachineConfig", "MemoryConfig", "SmpConfig", "CpuConfig", "MemoryBackendConfig",
     "SgxEpcConfig", "NumaNodeConfig", "FeatureWord", "FEATURE_WORDS", "CPU_FEATURES", "SGX_FEATURE_NAMES",
     "parse_qemu_args", "qemu_strtosz", "SizeError", "OptSyntaxError", "parse_qemu_opts", "keyval_parse",
     "id_wellformed", "MODEL_QEMU_VERSION", "MAX_NODES", "QemuOptsText", "CPU_MODELS", "parse_option_size",
-    "parse_option_number", "qapi_bool_parse",
+    "parse_option_number", "qapi_bool_parse", "DeviceConfig", "OPTION_TABLE",
 ]
 
-#: The QEMU release whose behaviour (and machine-type names) this module reproduces.
-MODEL_QEMU_VERSION = "10.0"
+#: The QEMU release whose behaviour (and machine-type names) this module reproduces by default
+#: (``parse_qemu_args(..., qemu_version=...)`` picks another one, see ``vepc.vmm.qemu_version``).
+MODEL_QEMU_VERSION = str(DEFAULT_QEMU_VERSION)
 #: include/system/numa.h
 MAX_NODES = 128
 GiB = 1 << 30
@@ -543,9 +548,10 @@ _CPU_VALUE_PROPS = {
     "hv-version-id-build", "hv-version-id-major", "hv-version-id-minor", "lbr-fmt", "ucode-rev",
     "apic-id", "x-hv-max-vps",
 }
-#: CPU models this model knows: "host"/"max" expand to everything KVM supports (``max_features``);
-#: "qemu64" (the x86 default) has none of the SGX/leaf-7 features modelled here.
-CPU_MODELS = ("host", "max", "qemu64")
+#: CPU models this model knows: "host"/"max" expand to everything the accelerator supports
+#: (``max_features``), "base" has no features (cpu.c ``x86_base_cpu_type_info``); the named models are
+#: QEMU's table (``vepc.vmm.cpu_models``), "qemu64" the x86 default.
+CPU_MODELS = ("host", "max", "base", *cpu_models.model_names())
 
 
 def _feat2prop(name: str) -> str:
@@ -561,8 +567,9 @@ def _feat2prop(name: str) -> str:
 class MachineConfig:
     """``-machine``: the board and the properties this model interprets.
 
-    ``family`` is ``"pc"`` (i440FX) or ``"q35"``; ``version`` the versioned type's X.Y (``None`` for
-    the alias); ``gigabyte_align`` is PCMachineClass.gigabyte_align (false only before pc-i440fx-2.0).
+    ``family`` is ``"pc"`` (i440FX), ``"q35"``, ``"isapc"`` or ``"microvm"`` (``vepc.vmm.machines``);
+    ``version`` the PC type's X.Y (the running release's for the ``pc``/``q35`` aliases);
+    ``gigabyte_align`` is PCMachineClass.gigabyte_align (false for ``isapc``).
     """
 
     type: str
@@ -579,8 +586,15 @@ class MachineConfig:
         >>> MachineConfig("pc", "pc").qom_type
         'pc-i440fx-10.0-machine'
         """
+        if self.family in ("microvm", "isapc"):
+            return f"{self.family}-machine"
         ver = self.version or MODEL_QEMU_VERSION
         return f"pc-i440fx-{ver}-machine" if self.family == "pc" else f"pc-q35-{ver}-machine"
+
+    @property
+    def is_pc(self) -> bool:
+        """A PC machine: the only kind that maps EPC (sgx.c ``pc_machine_init_sgx_epc``)."""
+        return self.family in ("pc", "q35", "isapc")
 
 
 @dataclass(frozen=True)
@@ -613,7 +627,7 @@ class CpuConfig:
     CPU object is created); ``plus``/``minus`` the legacy ``+feat``/``-feat`` (applied at realize, so they
     win over ``feat=...``).  Names are normalised with ``feat2prop`` ('_' -> '-').
 
-    >>> c = parse_qemu_args("-cpu host,+sgx-provisionkey,-sgx2,sgx-kss=off").cpu
+    >>> c = parse_qemu_args("-accel kvm -cpu host,+sgx-provisionkey,-sgx2,sgx-kss=off").cpu
     >>> c.requested("sgx-provisionkey"), c.requested("sgx2"), c.requested("sgx-kss"), c.requested("sgx1")
     (True, False, False, None)
     """
@@ -622,6 +636,18 @@ class CpuConfig:
     plus: tuple[str, ...] = ()
     minus: tuple[str, ...] = ()
     props: tuple[tuple[str, str], ...] = ()
+    #: the named model's own bits per feature word (``vepc.vmm.cpu_models``), before the user's changes
+    base: tuple[tuple[str, int], ...] = ()
+
+    def base_bits(self, word: str) -> int:
+        """The model's bits in feature word ``word``."""
+        return dict(self.base).get(word, 0)
+
+    def default_on(self, name: str) -> bool:
+        """Whether feature ``name`` is on before the user's ``+``/``-`` (named model or host/max)."""
+        if self.max_features:
+            return True
+        return any(self.base_bits(w) >> bit & 1 for w, bit in CPU_FEATURES.get(_feat2prop(name), []))
 
     @property
     def typename(self) -> str:
@@ -711,6 +737,15 @@ class NumaNodeConfig:
 
 
 @dataclass(frozen=True)
+class DeviceConfig:
+    """A ``-device`` (qdev): its driver, id and properties (accepted, not modelled)."""
+
+    driver: str
+    id: str | None = None
+    props: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
 class QemuConfig:
     """A validated QEMU command line.  ``warnings`` hold the lines QEMU would print to stderr."""
 
@@ -726,6 +761,14 @@ class QemuConfig:
     name: str | None = None
     warnings: tuple[str, ...] = ()
     passthrough: tuple[tuple[str, str | None], ...] = ()
+    devices: tuple[DeviceConfig, ...] = ()
+    qemu_version: QemuVersion = DEFAULT_QEMU_VERSION
+
+    @property
+    def kvm(self) -> bool:
+        """The accelerator is KVM (SGX needs it: cpu.c ``cpu_x86_cpuid`` case 7, "SGX cannot be emulated
+        in software")."""
+        return self.accel == "kvm"
 
     def backend(self, ident: str) -> MemoryBackendConfig:
         """The memory backend with id ``ident`` (KeyError if none)."""
@@ -744,20 +787,36 @@ class QemuConfig:
 # The option table (qemu-options.hx) — what this model accepts
 # --------------------------------------------------------------------------------------------------
 
-#: modelled options -> takes an argument
+#: modelled options -> takes an argument (qemu-options.hx ``HAS_ARG``)
 _MODELLED = {"m": True, "smp": True, "cpu": True, "machine": True, "M": True, "object": True, "numa": True,
-             "sgx-epc": True, "accel": True, "enable-kvm": False, "name": True}
-#: accepted and ignored (kept in ``QemuConfig.passthrough``): harmless for the SGX model
+             "accel": True, "enable-kvm": False, "name": True, "device": True}
+#: accepted and ignored (kept in ``QemuConfig.passthrough``): they do not touch SGX.  ``--strict``
+#: refuses them (the model's own line).
 _PASSTHROUGH = {
-    "nographic": False, "display": True, "nodefaults": False, "no-reboot": False, "no-shutdown": False,
-    "daemonize": False, "S": False, "snapshot": False, "serial": True, "monitor": True, "qmp": True,
-    "chardev": True, "pidfile": True, "kernel": True, "initrd": True, "append": True, "drive": True,
-    "netdev": True, "nic": True, "device": True, "bios": True, "boot": True, "vga": True, "D": True, "d": True,
-    "msg": True, "L": True, "trace": True, "rtc": True, "global": True, "uuid": True, "s": False, "vnc": True,
-    "usb": False, "no-hpet": False, "mem-prealloc": False, "overcommit": True, "sandbox": True, "k": True,
-    "cdrom": True, "hda": True, "hdb": True, "fw_cfg": True, "smbios": True, "watchdog-action": True,
-    "parallel": True, "audiodev": True, "runas": True, "run-with": True, "incoming": True, "loadvm": True,
+    "nographic": False, "display": True, "nodefaults": False, "no-user-config": False, "no-reboot": False,
+    "no-shutdown": False, "daemonize": False, "S": False, "snapshot": False, "serial": True, "monitor": True,
+    "mon": True, "qmp": True, "qmp-pretty": True, "chardev": True, "pidfile": True, "kernel": True,
+    "initrd": True, "append": True, "drive": True, "blockdev": True, "netdev": True, "nic": True, "bios": True,
+    "boot": True, "vga": True, "D": True, "d": True, "msg": True, "L": True, "trace": True, "rtc": True,
+    "global": True, "uuid": True, "s": False, "gdb": True, "vnc": True, "spice": True, "usb": False,
+    "usbdevice": True, "no-hpet": False, "no-acpi": False, "mem-prealloc": False, "mem-path": True,
+    "overcommit": True, "sandbox": True, "k": True, "cdrom": True, "hda": True, "hdb": True, "hdc": True,
+    "hdd": True, "fda": True, "fw_cfg": True, "smbios": True, "watchdog-action": True, "parallel": True,
+    "audiodev": True, "audio": True, "runas": True, "run-with": True, "incoming": True, "loadvm": True,
+    "fsdev": True, "virtfs": True, "tpmdev": True, "set": True, "icount": True, "preconfig": False,
+    "action": True, "add-fd": True, "compat": True, "semihosting": False, "plugin": True, "full-screen": False,
+    "rtc-td-hack": False, "iscsi": True, "readconfig": True, "writeconfig": True, "debugcon": True,
+    "device-list": False, "no-fd-bootchk": False, "pflash": True, "mtdblock": True, "sd": True,
 }
+#: Options this model refuses: the message is QEMU's where QEMU refuses them too.
+#: ``-sgx-epc`` is the pre-upstream intel/qemu-sgx spelling (QemuOpts list "sgx-epc"); upstream QEMU never
+#: had it ("invalid option"), ``intel_qemu_sgx=True`` accepts it.
+_INTEL_QEMU_SGX = {"sgx-epc": True}
+
+
+#: (option, kind) of every option this module knows, for docs/qemu-options.md and its test.
+OPTION_TABLE = tuple(sorted([(n, "modelled") for n in _MODELLED] + [(n, "ignored") for n in _PASSTHROUGH]
+                            + [(n, "intel-qemu-sgx") for n in _INTEL_QEMU_SGX]))
 
 _OBJECT_TYPES_MEMORY = ("memory-backend-epc", "memory-backend-ram", "memory-backend-memfd", "memory-backend-file")
 #: other QOM object types (qapi/qom.json ``ObjectType``) accepted but not modelled
@@ -793,7 +852,89 @@ _MACHINE_PROPS = {
     "kernel", "initrd", "append", "dtb", "dumpdtb", "boot", "x-oem-id", "sgx-epc", "max-ram-below-4g",
     "memory", "smp", "type", "pflash0", "pflash1", "cxl", "cxl-fmw", "x-remote", "split-irqchip",
 }
-_LEGACY_MACHINE_ACCEL = ("accel",)
+#: accelerators of qemu-system-x86_64 on Linux and the properties each takes (accel/kvm/kvm-all.c
+#: ``kvm_accel_class_init``, accel/tcg/tcg-all.c ``tcg_accel_class_init``, target/i386/kvm/kvm.c).
+_ACCELERATORS: dict[str, frozenset[str]] = {
+    "kvm": frozenset({"kernel-irqchip", "kvm-shadow-mem", "dirty-ring-size", "eager-split-size",
+                      "notify-vmexit", "notify-window", "honor-guest-pat", "xen-version", "xen-evtchn-max-pirq",
+                      "xen-gnttab-max-frames", "device", "rapl", "rapl-helper-socket-path", "dirty-ring-with-bitmap"}),
+    "tcg": frozenset({"thread", "tb-size", "split-wx", "one-insn-per-tb"}),
+    "qtest": frozenset({"qtest", "qtest-log"}),
+}
+
+
+def json_text(value: Any) -> str:
+    """A JSON member value as text (how the model keeps ``-device`` properties it does not interpret)."""
+    import json
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def _json_type(name: str, value: Any, typ: str) -> Any:
+    """qapi/qobject-input-visitor.c: one member of a JSON ``-object`` (QERR_INVALID_PARAMETER_TYPE /
+    _VALUE texts)."""
+    if typ == "bool":
+        if not isinstance(value, bool):
+            raise OptSyntaxError(f"Invalid parameter type for '{name}', expected: boolean")
+        return value
+    if typ in ("str", "HostMemPolicy", "OnOffAuto"):
+        if not isinstance(value, str):
+            raise OptSyntaxError(f"Invalid parameter type for '{name}', expected: string")
+        allowed = {"HostMemPolicy": _HOST_MEM_POLICIES, "OnOffAuto": ("on", "off", "auto")}.get(typ)
+        if allowed is not None and value not in allowed:
+            raise OptSyntaxError(f"Parameter '{name}' does not accept value '{value}'")
+        return value
+    if typ in ("size", "uint32", "uint16"):
+        # qobject_input_type_uint64 (type_size is the same for JSON): a QNum that fits uint64, or an
+        # int64 taken modulo 2^64 ("Need to accept negative values for backward compatibility").
+        if isinstance(value, bool) or not isinstance(value, int) or not -(1 << 63) <= value <= UINT64_MAX:
+            raise OptSyntaxError(f"Parameter '{name}' expects uint64")
+        value &= UINT64_MAX
+        limit = {"uint32": 0xFFFFFFFF, "uint16": 0xFFFF}.get(typ)
+        if limit is not None and value > limit:
+            # qapi-visit-core.c visit_type_uintN: the element of a list has no name ("null")
+            raise OptSyntaxError(f"Parameter '{'null' if '[' in name else name}' expects {typ}_t")
+        return value
+    if typ == "uint16List":
+        if not isinstance(value, list):
+            raise OptSyntaxError(f"Invalid parameter type for '{name}', expected: array")
+        return tuple(_json_type(f"{name}[{i}]", v, "uint16") for i, v in enumerate(value))
+    raise AssertionError(typ)
+
+
+def _visit_json_object(text: str) -> dict[str, Any]:
+    """vl.c ``object_option_parse`` for ``-object '{...}'``: ``visit_type_ObjectOptions`` over the QDict —
+    ``qom-type`` (enum), ``id`` (str), then the branch's members in schema order, then ``check_struct``
+    ("Parameter 'X' is unexpected").  The id is checked only when the object is created."""
+    try:
+        obj = qobject_from_json(text)
+    except JsonError as e:
+        raise OptSyntaxError(str(e)) from None
+    if not isinstance(obj, dict):
+        raise OptSyntaxError("Invalid parameter type for '<anonymous>', expected: object")
+    if "qom-type" not in obj:
+        raise OptSyntaxError("Parameter 'qom-type' is missing")
+    qom_type = _json_type("qom-type", obj["qom-type"], "str")
+    if qom_type not in _OBJECT_TYPES_MEMORY and qom_type not in _OBJECT_TYPES_OTHER:
+        raise OptSyntaxError(f"Parameter 'qom-type' does not accept value '{qom_type}'")
+    if "id" not in obj:
+        raise OptSyntaxError("Parameter 'id' is missing")
+    ident = _json_type("id", obj["id"], "str")
+    raw = tuple((k, json_text(v)) for k, v in obj.items() if k not in ("qom-type", "id"))
+    vals: dict[str, Any] = {"qom-type": qom_type, "id": ident, "raw": raw, "json": True}
+    if qom_type not in _OBJECT_TYPES_MEMORY:
+        return vals                               # members not modelled: accepted as given
+    members = _BACKEND_MEMBERS + _BACKEND_EXTRA.get(qom_type, [])
+    for key, typ in members:
+        if key not in obj:
+            if typ.endswith("!"):
+                raise OptSyntaxError(f"Parameter '{key}' is missing")
+            continue
+        vals[key] = _json_type(key, obj[key], typ.rstrip("!"))
+    known = {k for k, _ in members} | {"qom-type", "id"}
+    for k in obj:
+        if k not in known:
+            raise OptSyntaxError(f"Parameter '{k}' is unexpected")
+    return vals
 
 
 def _tokenize(args: str | Sequence[str]) -> list[str]:
@@ -809,12 +950,21 @@ def _loc(opt: str, arg: str | None) -> str:
 class _Parse:
     """One run of the staged parse (mutable scratch space; the result is a frozen ``QemuConfig``)."""
 
-    def __init__(self, argv: list[str], *, require_epc_node: bool, require_sgx_cpu: bool,
-                 sgx_vepc_available: bool) -> None:
+    def __init__(self, argv: list[str], *, version: QemuVersion, require_sgx_cpu: bool, sgx_vepc_available: bool,
+                 strict: bool, intel_qemu_sgx: bool, kvm_available: bool) -> None:
         self.argv = argv
-        self.require_epc_node = require_epc_node
+        self.version = version
+        self.require_epc_node = version.epc_node_required
         self.require_sgx_cpu = require_sgx_cpu
         self.sgx_vepc_available = sgx_vepc_available
+        self.strict = strict
+        self.intel_qemu_sgx = intel_qemu_sgx
+        self.kvm_available = kvm_available
+        self.progname = "qemu-system-x86_64"
+        self.init_failed = False
+        self.accel_opts: list[QemuOptsText] = []
+        self.machine_accel: str | None = None
+        self.devices: list[tuple[dict[str, Any], str]] = []
         self.warnings: list[str] = []
         self.mem: dict[str, str] = {}
         self.mem_loc: str | None = None
@@ -835,6 +985,7 @@ class _Parse:
         argv = self.argv
         i = 0
         if argv and not argv[0].startswith("-") and "qemu" in argv[0].rsplit("/", 1)[-1]:
+            self.progname = argv[0].rsplit("/", 1)[-1]
             i = 1                                   # a program name, as in a copied command line
         while i < len(argv):
             tok = argv[i]
@@ -843,12 +994,19 @@ class _Parse:
                 i += 1
                 continue
             name = tok[2:] if tok.startswith("--") else tok[1:]   # lookup_opt: "Treat --foo the same as -foo"
+            if self.version.option_removed(name):
+                raise QemuError("invalid option", location=tok)      # docs/about/removed-features.rst
             if name in _MODELLED:
                 has_arg = _MODELLED[name]
             elif name in _PASSTHROUGH:
                 has_arg = _PASSTHROUGH[name]
+            elif name in _INTEL_QEMU_SGX and self.intel_qemu_sgx:
+                has_arg = _INTEL_QEMU_SGX[name]
             else:
                 raise QemuError("invalid option", location=tok)
+            if self.strict and name in _PASSTHROUGH:
+                raise QemuError(f"--strict: {tok} is accepted by QEMU but not modelled (it does not touch SGX)",
+                                vepc_only=True)
             arg = None
             if has_arg:
                 if i + 1 >= len(argv):
@@ -917,10 +1075,14 @@ class _Parse:
                     raise OptSyntaxError(f"Invalid parameter '{k}'")
             self.legacy_epc.append((o, loc))
         elif name == "enable-kvm":
-            self.accel = "kvm"
+            # vl.c: "-enable-kvm" is "-machine accel=kvm"
+            self.machine = keyval_parse("accel=kvm", into=self.machine)
         elif name == "accel":
             o = parse_qemu_opts(arg or "", implied="accel")
-            self.accel = (o.get("accel") or "tcg").split(":")[0]
+            self._warn_short_form(o, loc)
+            self.accel_opts.append(o)
+        elif name == "device":
+            self.device_option(arg or "", loc)
         elif name == "name":
             o = parse_qemu_opts(arg or "", implied="guest")
             self.name = o.get("guest")
@@ -929,7 +1091,11 @@ class _Parse:
 
     def object_option(self, text: str, loc: str) -> None:
         """vl.c ``object_option_parse``: QemuOpts "object" (implied qom-type), then an opts visitor over
-        ``ObjectOptions`` (qapi/qom.json) — all at option-parsing time, so errors carry ``-object ...``."""
+        ``ObjectOptions`` (qapi/qom.json) — all at option-parsing time, so errors carry ``-object ...``.
+        An argument starting with ``{`` is JSON (``qobject_from_json`` + a qobject input visitor)."""
+        if text.startswith("{"):
+            self.objects.append((_visit_json_object(text), loc))
+            return
         o = parse_qemu_opts(text, implied="qom-type")
         self._warn_short_form(o, loc)
         if o.id is not None:                     # util/qemu-option.c qemu_opts_create
@@ -992,25 +1158,104 @@ class _Parse:
                 raise OptSyntaxError(f"Invalid parameter '{k}'")
         self.objects.append((vals, loc))
 
+    def device_option(self, text: str, loc: str) -> None:
+        """vl.c ``-device``: JSON (``{...}``) or QemuOpts with implied "driver"; the device is created
+        later (``qemu_create_cli_devices`` → qdev_device_add), whose errors keep the option's location."""
+        if text.startswith("{"):
+            try:
+                obj = qobject_from_json(text)
+            except JsonError as e:
+                raise OptSyntaxError(str(e)) from None
+            if not isinstance(obj, dict):
+                raise OptSyntaxError("Invalid parameter type for '<anonymous>', expected: object")
+            driver = obj.get("driver")
+            ident = obj.get("id")
+            props = tuple((k, json_text(v)) for k, v in obj.items() if k not in ("driver", "id"))
+        else:
+            o = parse_qemu_opts(text, implied="driver")
+            self._warn_short_form(o, loc)
+            driver, ident, props = o.get("driver"), o.id, tuple((k, v) for k, v in o.pairs if k != "driver")
+        if self.strict:
+            raise QemuError(f"--strict: {loc} is accepted by QEMU but not modelled (devices do not touch SGX)",
+                            vepc_only=True)
+        self.devices.append(({"driver": driver, "id": ident, "props": props}, loc))
+
+    def create_devices(self) -> list[DeviceConfig]:
+        """system/qdev-monitor.c ``qdev_device_add_from_qdict`` (errors carry the ``-device`` location)."""
+        out = []
+        for d, loc in self.devices:
+            driver = d["driver"]
+            if driver is None:
+                raise QemuError("Parameter 'driver' is missing", location=loc)
+            if not isinstance(driver, str):
+                raise QemuError("Invalid parameter type for 'driver', expected: string", location=loc)
+            if driver == "sgx-epc":
+                # sgx-epc.c: dc->user_creatable = false -> qdev_get_device_class
+                raise QemuError("Parameter 'driver' expects a pluggable device type", location=loc)
+            out.append(DeviceConfig(driver=driver, id=d["id"], props=d["props"]))
+        return out
+
     # ------------------------------------------------------------------ stage 2: machine + properties
     def select_machine(self) -> MachineConfig:
+        """vl.c ``select_machine`` and the deprecation warning of ``qemu_create_machine``."""
         mtype = self.machine.get("type", "pc")
         if not isinstance(mtype, str):
             raise QemuError("Invalid parameter type for 'type', expected: string")
-        m = re.fullmatch(r"(pc|q35)|pc-i440fx-(\d+\.\d+)|pc-q35-(\d+\.\d+)", mtype)
-        if not m:
-            # vl.c select_machine; this model has only the PC machines (no microvm/isapc/none).
-            raise QemuError("unsupported machine type", hint="Use -machine help to list supported machines\n")
-        if m.group(1):
-            family, version = ("pc" if m.group(1) == "pc" else "q35"), None
-        elif m.group(2):
-            family, version = "pc", m.group(2)
+        mt = machine_type(mtype, self.version)
+        if mt is None:
+            msg = f'unsupported machine type: "{mtype}"' if self.version.names_unsupported_machine else \
+                "unsupported machine type"
+            raise QemuError(msg, hint="Use -machine help to list supported machines\n")
+        if mt.deprecated:
+            self.warnings.append(format_warning(f"Machine type '{mt.name}' is deprecated: {DEPRECATION_MSG}"))
+        return MachineConfig(type=mtype, family=mt.family, version=mt.version,
+                             gigabyte_align=mt.family != "isapc")
+
+    def configure_accelerators(self) -> str:
+        """vl.c ``configure_accelerators``: ``-accel`` options, else ``-machine accel=`` (``-enable-kvm``),
+        else the default list (``tcg:kvm``; ``kvm:tcg`` when the program name ends in "kvm").  Each is
+        tried in order; a name QEMU lacks prints "invalid accelerator", a failed init falls through."""
+        if not self.accel_opts:
+            accelerators = self.machine_accel
+            if accelerators is None:
+                accelerators = "kvm:tcg" if self.progname.endswith("kvm") else "tcg:kvm"
+            names = accelerators.split(":")
+            opts = []
+            for n in names:
+                if n in _ACCELERATORS:
+                    opts.append(QemuOptsText(pairs=[("accel", n)]))
+                else:
+                    self.init_failed = True
+                    self.warnings.append(format_error(f"invalid accelerator {n}"))
         else:
-            family, version = "q35", m.group(3)
-        gigabyte_align = True
-        if family == "pc" and version is not None and tuple(map(int, version.split("."))) < (2, 0):
-            gigabyte_align = False               # pc-1.x: pc_i440fx_1_7_machine_options
-        return MachineConfig(type=mtype, family=family, version=version, gigabyte_align=gigabyte_align)
+            if self.machine_accel is not None:
+                raise QemuError('The -accel and "-machine accel=" options are incompatible')
+            opts = self.accel_opts
+        for o in opts:
+            name = o.get("accel")
+            if name is None:
+                raise QemuError("Parameter 'accel' is missing")
+            if name not in _ACCELERATORS:
+                self.warnings.append(format_error(f"invalid accelerator {name}"))
+                self.init_failed = True
+                continue
+            for k, _v in o.pairs:                     # accel_init_machine: object_set_accelerator_props
+                if k != "accel" and k not in _ACCELERATORS[name]:
+                    raise QemuError(f"Property '{name}-accel.{k}' not found")
+            if name == "kvm" and not self.kvm_available:
+                # accel/kvm/kvm-all.c kvm_init, then vl.c do_configure_accelerator
+                self.warnings.append(format_error("Could not access KVM kernel module: No such file or directory"))
+                self.warnings.append(format_error("failed to initialize kvm: No such file or directory"))
+                self.init_failed = True
+                continue
+            if self.init_failed:
+                self.warnings.append(format_error(f"falling back to {name}"))
+            return name
+        if not self.init_failed:
+            raise QemuError("no accelerator found")
+        # Every candidate failed and said why: QEMU exits 1 with no further line.
+        last = self.warnings.pop()
+        raise QemuError(last.removeprefix(f"{self.progname}: "))
 
     def machine_props(self, mc: MachineConfig) -> tuple[MachineConfig, MemoryConfig, SmpConfig,
                                                          list[tuple[str, int]]]:
@@ -1019,8 +1264,9 @@ class _Parse:
         # vl.c qemu_apply_legacy_machine_options: accel= (and kernel-irqchip=...) are taken out first.
         if "accel" in props:
             acc = props.pop("accel")
-            if isinstance(acc, str) and self.accel is None:
-                self.accel = acc.split(":")[0]
+            if not isinstance(acc, str):
+                raise QemuError("Invalid parameter type for 'accel', expected: string")
+            self.machine_accel = acc
         memory = self.memory_config()
         smp = self.smp_config()
         epc_list: list[tuple[str, int]] = []
@@ -1053,10 +1299,14 @@ class _Parse:
                 raise QemuError(f"Parameter '{base}.memdev' is missing")
             if not isinstance(elem["memdev"], str):
                 raise QemuError(f"Invalid parameter type for '{base}.memdev', expected: string")
-            if "node" not in elem:
-                if self.require_epc_node:
-                    raise QemuError(f"Parameter '{base}.node' is missing")
-                node = 0                         # QEMU 6.2 SgxEPC had no node (all sections on node 0)
+            if not self.require_epc_node:
+                # QEMU 6.2 SgxEPC is { 'memdev': 'str' }: no node, every section on node 0
+                node = 0
+                for k in elem:
+                    if k != "memdev":
+                        raise QemuError(f"Parameter '{base}.{k}' is unexpected")
+            elif "node" not in elem:
+                raise QemuError(f"Parameter '{base}.node' is missing")
             else:
                 # qobject_input_type_int64_keyval: qemu_strtoi64(str, NULL, 0, ...) (C base-0 syntax)
                 node_s = elem["node"]
@@ -1158,10 +1408,20 @@ class _Parse:
     def create_backends(self) -> list[MemoryBackendConfig]:
         """vl.c ``qemu_create_late_backends`` -> ``user_creatable_add_qapi`` (no location)."""
         out = []
+        created: set[str] = set()
         for vals, _loc_text in self.objects:
             qom_type = vals["qom-type"]
             if qom_type not in _OBJECT_TYPES_MEMORY:
                 continue
+            ident = vals["id"]
+            if vals.get("json") and not id_wellformed(ident):
+                # qom/object_interfaces.c user_creatable_add_type (JSON ids skip QemuOpts' check)
+                raise QemuError(f"Invalid object identifier '{ident}'",
+                                hint="Identifiers consist of letters, digits, '-', '.', '_', starting with a letter.\n")
+            if ident in created:
+                # qom/object.c object_property_try_add: the id is a child of /objects
+                raise QemuError(f"attempt to add duplicate property '{ident}' to object (type 'container')")
+            created.add(ident)
             if qom_type == "memory-backend-epc" and not self.sgx_vepc_available:
                 # hostmem-epc.c register_types(): the type exists only if /dev/sgx_vepc opens.
                 raise QemuError(f"invalid object type: {qom_type}")
@@ -1194,6 +1454,8 @@ class _Parse:
         model, _, features = self.cpu_option.partition(",")
         if model not in CPU_MODELS:
             raise QemuError(f"unable to find CPU model '{model}'")
+        table = cpu_models.resolve(model)
+        base = tuple((w, table.word_bits(w)) for w in cpu_models.MODEL_WORDS) if table else ()
         plus: list[str] = []
         minus: list[str] = []
         props: list[tuple[str, str]] = []
@@ -1224,12 +1486,13 @@ class _Parse:
         if ambiguous:
             self.warnings.append(format_warning(
                 "Compatibility of ambiguous CPU model strings won't be kept on future QEMU versions"))
-        return CpuConfig(model=model, plus=tuple(plus), minus=tuple(minus), props=tuple(props)), props
+        return CpuConfig(model=model, plus=tuple(plus), minus=tuple(minus), props=tuple(props), base=base), props
 
     @staticmethod
-    def realize_cpu(cpu: CpuConfig) -> None:
+    def realize_cpu(cpu: CpuConfig, accel: str) -> None:
         """CPU creation: global properties first (qom/object.c ``object_apply_global_props``, fatal for
-        boot CPUs), then ``x86_cpu_expand_features`` sets +feat/-feat (``Property ... not found``)."""
+        boot CPUs), then ``x86_cpu_expand_features`` sets +feat/-feat (``Property ... not found``), then
+        ``x86_cpu_realizefn``: ``host`` needs an accelerator that uses host CPUID (KVM here)."""
         for name, val in cpu.props:
             if name in CPU_FEATURES or name in _CPU_BOOL_PROPS:
                 try:
@@ -1242,6 +1505,8 @@ class _Parse:
         for name in cpu.plus + cpu.minus:
             if name not in CPU_FEATURES and name not in _CPU_BOOL_PROPS:
                 raise QemuError(f"Property '{cpu.typename}.{name}' not found")
+        if cpu.model == "host" and accel != "kvm":
+            raise QemuError("CPU model 'host' requires KVM or HVF")
 
     # ------------------------------------------------------------------ stage 5: NUMA
     def numa_nodes(self, mc: MachineConfig, smp: SmpConfig, memory: MemoryConfig,
@@ -1355,9 +1620,18 @@ class _Parse:
 
     # ------------------------------------------------------------------ the whole run
     def run(self) -> QemuConfig:
+        """The stages in vl.c ``qemu_init`` order; a fatal error carries the warnings printed before it."""
+        try:
+            return self._run()
+        except QemuError as e:
+            e.preface = [*self.warnings, *e.preface]
+            raise
+
+    def _run(self) -> QemuConfig:
         self.option_loop()
         mc = self.select_machine()
         mc, memory, smp, epc_list = self.machine_props(mc)
+        accel = self.configure_accelerators()
         backend_list = self.create_backends()
         backends = {b.id: b for b in backend_list}
         other_ids = {v["id"] for v, _ in self.objects if v["qom-type"] not in _OBJECT_TYPES_MEMORY}
@@ -1365,21 +1639,27 @@ class _Parse:
         numa = self.numa_nodes(mc, smp, memory, backends)
         sections = self.epc_sections(epc_list, backends, other_ids, numa)
         cfg = QemuConfig(argv=tuple(self.argv), machine=mc, memory=memory, smp=smp, cpu=cpu,
-                         accel=self.accel or "tcg", objects=tuple(backend_list), sgx_epc=tuple(sections),
-                         numa_nodes=tuple(numa), name=self.name, warnings=tuple(self.warnings),
-                         passthrough=tuple(self.passthrough))
+                         accel=accel, objects=tuple(backend_list), sgx_epc=tuple(sections),
+                         numa_nodes=tuple(numa), name=self.name, warnings=(),
+                         passthrough=tuple(self.passthrough), qemu_version=self.version)
         if sections:
             from vepc.vmm.layout import build_layout   # the wrap check lives with the address arithmetic
             build_layout(cfg)
-        self.realize_cpu(cpu)
+        self.realize_cpu(cpu, accel)
+        devices = self.create_devices()
         if sections and self.require_sgx_cpu:
+            # QEMU has no such check (``--strict`` turns it on): it starts the guest with EPC memory
+            # (e820/ACPI/SRAT) while CPUID.0x12 reads all zero (cpu.c cpu_x86_cpuid case 0x12).
             sgx = cpu.requested("sgx")
-            if sgx is False or (sgx is None and not cpu.max_features):
-                # QEMU has no such check: it starts the guest with EPC memory (e820/ACPI/SRAT) while
-                # CPUID.0x12 reads all zero (cpu.c cpu_x86_cpuid case 0x12), i.e. an SGX-less guest.
+            if sgx is False or (sgx is None and not cpu.default_on("sgx")):
                 raise QemuError(f"sgx-epc is configured but CPU model '{cpu.model}' has SGX disabled "
                                 "(CPUID[eax=07h,ecx=00h].EBX.sgx [bit 2] is off)", vepc_only=True)
-        return cfg
+            if accel != "kvm":
+                raise QemuError(f"sgx-epc is configured but the accelerator is {accel}: SGX needs KVM "
+                                "(cpu.c: \"SGX cannot be emulated in software\"), the guest sees no SGX",
+                                vepc_only=True)
+        from dataclasses import replace
+        return replace(cfg, warnings=tuple(self.warnings), devices=tuple(devices))
 
 
 def _strtoi64(text: str) -> int | None:
@@ -1431,28 +1711,37 @@ def _number_or_error(name: str, value: str, loc: str | None) -> int:
         raise QemuError(e.message, location=loc) from None
 
 
-def parse_qemu_args(args: str | Sequence[str], *, require_epc_node: bool = True, require_sgx_cpu: bool = True,
-                    sgx_vepc_available: bool = True) -> QemuConfig:
+def parse_qemu_args(args: str | Sequence[str], *, qemu_version: str | QemuVersion = DEFAULT_QEMU_VERSION,
+                    require_sgx_cpu: bool = False, sgx_vepc_available: bool = True, strict: bool = False,
+                    intel_qemu_sgx: bool = False, kvm_available: bool = True) -> QemuConfig:
     """Parse and validate a QEMU command line (string, shell-quoted, or argv list; a leading
     ``qemu-system-x86_64`` program name is skipped).  Raises ``QemuError`` with QEMU's message.
 
-    * ``require_epc_node`` — QEMU >= 7.0 requires ``sgx-epc.N.node``; ``False`` reproduces 6.2
-      (node defaults to 0).
-    * ``require_sgx_cpu`` — reject EPC sections when the CPU model has SGX off (a check QEMU lacks;
-      the error has ``vepc_only=True``).  ``-cpu host``/``max`` count as SGX-on: whether KVM really
-      offers SGX is decided later, by ``vepc.vmm.cpuid``.
+    * ``qemu_version`` — the release to behave as (``vepc.vmm.qemu_version``): 6.2 has no
+      ``sgx-epc.N.node`` (every section on node 0), 9.0 removed ``-no-hpet``/``-no-acpi``, machine
+      types come and go with the release (``vepc.vmm.machines``).
+    * ``require_sgx_cpu`` — reject EPC sections when the guest cannot have SGX: the CPU model has SGX
+      off, or the accelerator is not KVM (a check QEMU lacks; ``vepc_only=True``).  Default off, as QEMU.
+    * ``strict`` — refuse the options this model accepts and ignores (``-display``, ``-device``, ...)
+      with its own line, and turn on ``require_sgx_cpu``.
+    * ``intel_qemu_sgx`` — accept ``-sgx-epc id=..,memdev=..`` of the pre-upstream intel/qemu-sgx tree.
     * ``sgx_vepc_available`` — whether ``/dev/sgx_vepc`` can be opened; QEMU registers the
-      ``memory-backend-epc`` type only then.
+      ``memory-backend-epc`` type only then.  ``kvm_available`` — whether ``/dev/kvm`` exists.
 
     >>> cfg = parse_qemu_args(["qemu-system-x86_64", "-enable-kvm", "-m", "4G", "-cpu", "host",
-    ...     "-object", "memory-backend-epc,id=mem1,size=64M,prealloc=on", "-sgx-epc", "id=epc1,memdev=mem1"])
+    ...     "-object", "memory-backend-epc,id=mem1,size=64M,prealloc=on", "-M", "sgx-epc.0.memdev=mem1,sgx-epc.0.node=0"])
     >>> cfg.accel, cfg.sgx_epc[0].memdev, cfg.backend("mem1").prealloc, cfg.backend("mem1").share
     ('kvm', 'mem1', True, True)
     >>> parse_qemu_args("-object memory-backend-epc,id=m0,size=0 -M sgx-epc.0.memdev=m0,sgx-epc.0.node=0")
     Traceback (most recent call last):
     ...
     vepc.vmm.errors.QemuError: qemu-system-x86_64: property 'size' of memory-backend-epc doesn't take value '0'
+    >>> parse_qemu_args("-cpu host").accel
+    Traceback (most recent call last):
+    ...
+    vepc.vmm.errors.QemuError: qemu-system-x86_64: CPU model 'host' requires KVM or HVF
     """
     argv = _tokenize(args)
-    return _Parse(argv, require_epc_node=require_epc_node, require_sgx_cpu=require_sgx_cpu,
-                  sgx_vepc_available=sgx_vepc_available).run()
+    return _Parse(argv, version=QemuVersion.parse(qemu_version), require_sgx_cpu=require_sgx_cpu or strict,
+                  sgx_vepc_available=sgx_vepc_available, strict=strict, intel_qemu_sgx=intel_qemu_sgx,
+                  kvm_available=kvm_available).run()

@@ -1,6 +1,6 @@
 """The VMM process: what QEMU does with its SGX options on a host, run against the model.
 
-``QemuVm(host, "-m 2G -cpu host -object memory-backend-epc,id=m0,size=32M,prealloc=on -M sgx-epc.0...")``
+``QemuVm(host, "-m 2G -accel kvm -cpu host -object memory-backend-epc,id=m0,size=32M,prealloc=on -M sgx-epc.0...")``
 parses the command line as QEMU does (:mod:`vepc.vmm.options`), lays out guest memory
 (:mod:`vepc.vmm.layout`), and ``start()`` then follows QEMU's order of work on the model host:
 
@@ -37,6 +37,7 @@ from vepc.kvm import Kvm, KvmExit, KvmRunError, Vcpu, Vm
 from vepc.vmm.errors import QemuError, format_error, format_warning
 from vepc.vmm.layout import GuestLayout, build_layout
 from vepc.vmm.options import QemuConfig, parse_qemu_args
+from vepc.vmm.qemu_version import DEFAULT_QEMU_VERSION, QemuVersion
 
 __all__ = ["QemuVm", "VmState", "host_kvm", "RETRY_NUM"]
 
@@ -80,17 +81,25 @@ class QemuVm:
     """One QEMU process and its VM on a model host."""
 
     def __init__(self, host, args: str | list[str], name: str | None = None, *, guest_kernel: str = "6.8",
-                 boot_guest: bool = True, qemu_7_1_xfrm_bug: bool = False) -> None:
+                 boot_guest: bool = True, qemu_7_1_xfrm_bug: bool = False,
+                 qemu_version: str | QemuVersion = DEFAULT_QEMU_VERSION, strict: bool = False,
+                 intel_qemu_sgx: bool = False) -> None:
         self.host = host
         self.kernel = host.kernel
         self.events = self.kernel.events
         sgx_vepc = "/dev/sgx_vepc" in self.kernel.devices
-        self.config: QemuConfig = parse_qemu_args(args, sgx_vepc_available=sgx_vepc)
+        # /dev/kvm exists when the kvm_intel module loads: VMX on the host (vmx.c hardware_setup)
+        kvm_available = bool(self.kernel.cpu.processor.config.vmx)
+        self.config: QemuConfig = parse_qemu_args(args, sgx_vepc_available=sgx_vepc, qemu_version=qemu_version,
+                                                  strict=strict, intel_qemu_sgx=intel_qemu_sgx,
+                                                  kvm_available=kvm_available)
         self.layout: GuestLayout = build_layout(self.config)
         self.name = name or self.config.name or "vm"
+        #: which front end built the VM ("qemu"; ``vepc cloud-hypervisor`` sets its own)
+        self.frontend = "qemu"
         self.guest_kernel_version = guest_kernel
         self.boot_guest = boot_guest
-        self.qemu_7_1_xfrm_bug = qemu_7_1_xfrm_bug
+        self.qemu_7_1_xfrm_bug = qemu_7_1_xfrm_bug or self.config.qemu_version.xfrm_bug
         self.state = VmState.CREATED
         self.error: str | None = None
         self.stderr: list[str] = list(self.config.warnings)
@@ -137,10 +146,26 @@ class QemuVm:
                 fd = proc.open("/dev/sgx_vepc")
             except OSError as e:
                 raise QemuError(f"failed to open /dev/sgx_vepc to alloc SGX EPC: {e.strerror}") from None
-            hva = proc.mmap(obj.size, flags=MAP_SHARED if obj.share else MAP_PRIVATE, fd=fd)
+            try:
+                # system/physmem.c qemu_ram_alloc_from_fd: the RAM block is HOST_PAGE_ALIGN(size)
+                hva = proc.mmap(-(-obj.size // PAGE_SIZE) * PAGE_SIZE,
+                                flags=MAP_SHARED if obj.share else MAP_PRIVATE, fd=fd)
+            except OSError as e:
+                # system/physmem.c file_ram_alloc -> qemu_ram_mmap failure
+                raise QemuError(f"unable to map backing store for guest RAM: {e.strerror}") from None
+            self._check_host_nodes(obj)
             backend = self.backends[obj.id] = EpcBackend(obj.id, obj.size, obj.prealloc, fd, hva)
             if obj.prealloc:
                 self._prealloc(backend)
+
+    def _check_host_nodes(self, obj) -> None:
+        """backends/hostmem.c ``host_memory_backend_memory_complete``: mbind() to ``host-nodes`` the host
+        lacks fails with EINVAL (the kernel's nodemask check)."""
+        if not obj.host_nodes:
+            return
+        online = {s.node for s in self.kernel.cpu.processor.config.sections} | {0}
+        if any(n not in online for n in obj.host_nodes):
+            raise QemuError("cannot bind memory to host NUMA nodes: Invalid argument")
 
     def _prealloc(self, backend: EpcBackend) -> None:
         """``qemu_prealloc_mem``: touch every page with a SIGBUS handler installed; a SIGBUS aborts."""
@@ -168,18 +193,32 @@ class QemuVm:
             slot += 1
         for sec in lay.epc_sections:
             b = self.backends[sec.memdev]
-            vm.set_user_memory_region(slot, sec.base, sec.size, b.hva)
-            slot += 1
+            # accel/kvm/kvm-all.c kvm_align_section: the slot covers the whole host pages of the section
+            start = -(-sec.base // PAGE_SIZE) * PAGE_SIZE
+            end = (sec.base + sec.size) // PAGE_SIZE * PAGE_SIZE
+            if end > start:
+                vm.set_user_memory_region(slot, start, end - start, b.hva + (start - sec.base))
+                slot += 1
 
     def _create_vcpus(self) -> None:
         from vepc.vmm.cpuid import build_guest_cpuid
 
         cfg = self.config
-        if cfg.cpu.requested("sgx-provisionkey") is not False and (cfg.cpu.requested("sgx-provisionkey")
-                                                                   or cfg.cpu.max_features):
+        # kvm.c kvm_arch_init_vcpu -> kvm_enable_sgx_provisioning (KVM only)
+        if cfg.kvm and cfg.cpu.requested("sgx-provisionkey") is not False and (
+                cfg.cpu.requested("sgx-provisionkey") or cfg.cpu.max_features):
             self.provisioning = self._enable_provisioning()
+        filter_warnings: list[str] = []
         self.cpuid = build_guest_cpuid(self.kvm, cfg, self.layout, provisioning=self.provisioning,
-                                       qemu_7_1_xfrm_bug=self.qemu_7_1_xfrm_bug)
+                                       qemu_7_1_xfrm_bug=self.qemu_7_1_xfrm_bug, kvm_accel=cfg.kvm,
+                                       warnings=filter_warnings)
+        self.stderr.extend(filter_warnings)
+        if (cfg.machine.family == "microvm" and self.cpuid.get((7, 0), (0, 0, 0, 0))[1] & (1 << 2)
+                and cfg.qemu_version.microvm_sgx_cpuid_crashes):
+            # cpu.c case 0x12 -> sgx.c sgx_epc_get_section casts the machine to PCMachineState (gitlab #2142)
+            raise QemuError(f"QEMU {cfg.qemu_version} crashes here (SIGSEGV): CPUID 0x12 on a microvm "
+                            "dereferences a PC machine that is not there (gitlab issue #2142, fixed in 9.0)",
+                            vepc_only=True)
         node_of_cpu = {c: n.nodeid for n in cfg.numa_nodes for c in n.cpus}
         for i in range(cfg.smp.cpus):
             v = Vcpu(self.vm, i, node=node_of_cpu.get(i, 0))
@@ -359,7 +398,7 @@ class QemuVm:
     def query_sgx(self) -> dict:
         """QMP ``query-sgx`` (guest view)."""
         from vepc.vmm.qmp import query_sgx
-        return query_sgx(self.config, self.layout)
+        return query_sgx(self.config, self.layout, version=self.config.qemu_version)
 
     def query_sgx_capabilities(self) -> dict:
         """QMP ``query-sgx-capabilities`` (host view: host CPUID, /dev/sgx_vepc openable)."""
@@ -370,7 +409,8 @@ class QemuVm:
     def info_sgx(self) -> str:
         """HMP ``info sgx``."""
         from vepc.vmm.qmp import hmp_info_sgx
+        legacy = self.config.qemu_version.hmp_legacy_size_line
         try:
-            return hmp_info_sgx(self.query_sgx())
+            return hmp_info_sgx(self.query_sgx(), legacy_size_line=legacy)
         except QemuError as e:
             return hmp_info_sgx(e)

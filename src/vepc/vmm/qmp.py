@@ -16,7 +16,7 @@ QAPI schema: qapi/misc-i386.json ``SgxInfo { sgx, sgx1, sgx2, flc: bool, section
 
 >>> from vepc.vmm.options import parse_qemu_args
 >>> from vepc.vmm.layout import build_layout
->>> cfg = parse_qemu_args("-m 2G -cpu host -object memory-backend-epc,id=m0,size=64M "
+>>> cfg = parse_qemu_args("-m 2G -accel kvm -cpu host -object memory-backend-epc,id=m0,size=64M "
 ...                       "-M sgx-epc.0.memdev=m0,sgx-epc.0.node=0")
 >>> info = query_sgx(cfg, build_layout(cfg))
 >>> info
@@ -49,7 +49,7 @@ _SGX_CPUID_EPC_MASK = 0xF
 HostCpuid = Callable[[int, int], tuple[int, int, int, int]]
 
 
-def query_sgx(config: QemuConfig, layout: GuestLayout | None = None) -> dict[str, Any]:
+def query_sgx(config: QemuConfig, layout: GuestLayout | None = None, *, version: Any = None) -> dict[str, Any]:
     """``query-sgx`` for a configured guest (``layout`` optional: sizes and nodes come from ``config``).
 
     Section order is the sgx-epc index order.  (QEMU walks the QOM tree with ``object_child_foreach``,
@@ -61,7 +61,7 @@ def query_sgx(config: QemuConfig, layout: GuestLayout | None = None) -> dict[str
     ...
     vepc.vmm.errors.QemuError: No EPC regions defined, SGX not available
     """
-    if config.machine.family not in ("pc", "q35"):
+    if not config.machine.is_pc:
         raise QemuError("SGX is only supported on PC machines", qmp=True)
     if not config.sgx_epc:
         raise QemuError("No EPC regions defined, SGX not available", qmp=True)
@@ -69,7 +69,13 @@ def query_sgx(config: QemuConfig, layout: GuestLayout | None = None) -> dict[str
         sections = [{"node": s.node, "size": s.size} for s in layout.epc_sections]
     else:
         sections = [{"node": s.node, "size": s.size} for s in config.sgx_epc]
-    return {"sgx": True, "sgx1": True, "sgx2": True, "flc": True, "sections": sections}
+    info: dict[str, Any] = {"sgx": True, "sgx1": True, "sgx2": True, "flc": True}
+    if version is not None and version.hmp_legacy_size_line:
+        # SgxInfo.section-size (the sum): 6.2 .. 8.0, deprecated by 'sections' in 7.0, removed in 8.1
+        info["section-size"] = sum(s["size"] for s in sections)
+    if version is None or version.query_sgx_sections:
+        info["sections"] = sections
+    return info
 
 
 def query_sgx_capabilities(host_cpuid: HostCpuid, vepc_available: bool) -> dict[str, Any]:
@@ -131,6 +137,8 @@ def hmp_info_sgx(info: Mapping[str, Any] | QemuError, *, legacy_size_line: bool 
 
     lines = [f"SGX support: {onoff(info['sgx'])}", f"SGX1 support: {onoff(info['sgx1'])}",
              f"SGX2 support: {onoff(info['sgx2'])}", f"FLC support: {onoff(info['flc'])}"]
+    if "sections" not in info:                                  # QEMU 6.2
+        return "\n".join([*lines, f"size: {info['section-size']}"])
     total = sum(s["size"] for s in info["sections"])
     if legacy_size_line:
         lines.append(f"size: {total}")
