@@ -198,12 +198,7 @@ class _Parser:
             raise JsonError("JSON parse error, key is not a string in object")
         if self.expect_more()[0] != "COLON":
             raise JsonError("JSON parse error, missing : in object pair")
-        try:
-            val = self.value()
-        except JsonError as e:
-            if "premature EOI" in str(e):
-                raise
-            raise
+        val = self.value()
         if key in out:
             raise JsonError("JSON parse error, duplicate key")
         out[key] = val
