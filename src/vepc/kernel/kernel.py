@@ -255,8 +255,12 @@ class Kernel:
             pa = (eax & 0xFFFFF000) + ((ebx & 0xFFFFF) << 32)
             size = (ecx & 0xFFFFF000) + ((edx & 0xFFFFF) << 32)
             self.printk(f"sgx: EPC section {pa:#x}-{pa + size - 1:#x}")
+            # main.c (5.13, "x86/sgx: Add a basic NUMA allocation scheme"): map the section to a node;
+            # before 5.13 the pool had no nodes and printed nothing more.
             node = self.platform_node_of(pa) if self.platform_node_of is not None else None
-            if node is None:
+            if not self.version_at_least(5, 13):
+                node = 0
+            elif node is None:
                 self.printk("sgx: [Firmware Bug]: Unable to map EPC section to online node. Fallback to the NUMA node 0.")
                 node = 0
             sections.append(KSection(i, pa, size >> PAGE_SHIFT, first, node))

@@ -592,6 +592,15 @@ class MachineConfig:
         return f"pc-i440fx-{ver}-machine" if self.family == "pc" else f"pc-q35-{ver}-machine"
 
     @property
+    def acpi(self) -> bool:
+        """ACPI tables (and so the SRAT) for the guest: pc.c ``acpi`` is OnOffAuto, "off" drops them.
+
+        >>> MachineConfig("q35", "q35", props=(("acpi", "off"),)).acpi
+        False
+        """
+        return dict(self.props).get("acpi") != "off"
+
+    @property
     def is_pc(self) -> bool:
         """A PC machine: the only kind that maps EPC (sgx.c ``pc_machine_init_sgx_epc``)."""
         return self.family in ("pc", "q35", "isapc")
@@ -789,7 +798,7 @@ class QemuConfig:
 
 #: modelled options -> takes an argument (qemu-options.hx ``HAS_ARG``)
 _MODELLED = {"m": True, "smp": True, "cpu": True, "machine": True, "M": True, "object": True, "numa": True,
-             "accel": True, "enable-kvm": False, "name": True, "device": True}
+             "accel": True, "enable-kvm": False, "name": True, "device": True, "no-acpi": False, "no-hpet": False}
 #: accepted and ignored (kept in ``QemuConfig.passthrough``): they do not touch SGX.  ``--strict``
 #: refuses them (the model's own line).
 _PASSTHROUGH = {
@@ -799,7 +808,7 @@ _PASSTHROUGH = {
     "initrd": True, "append": True, "drive": True, "blockdev": True, "netdev": True, "nic": True, "bios": True,
     "boot": True, "vga": True, "D": True, "d": True, "msg": True, "L": True, "trace": True, "rtc": True,
     "global": True, "uuid": True, "s": False, "gdb": True, "vnc": True, "spice": True, "usb": False,
-    "usbdevice": True, "no-hpet": False, "no-acpi": False, "mem-prealloc": False, "mem-path": True,
+    "usbdevice": True, "mem-prealloc": False, "mem-path": True,
     "overcommit": True, "sandbox": True, "k": True, "cdrom": True, "hda": True, "hdb": True, "hdc": True,
     "hdd": True, "fda": True, "fw_cfg": True, "smbios": True, "watchdog-action": True, "parallel": True,
     "audiodev": True, "audio": True, "runas": True, "run-with": True, "incoming": True, "loadvm": True,
@@ -1074,6 +1083,13 @@ class _Parse:
                 if k not in ("memdev", "node"):
                     raise OptSyntaxError(f"Invalid parameter '{k}'")
             self.legacy_epc.append((o, loc))
+        elif name in ("no-acpi", "no-hpet"):
+            # vl.c (until 9.0): "-no-acpi" is "-machine acpi=off", "-no-hpet" "-machine hpet=off"; 8.0
+            # added the deprecation warning.
+            prop = name.removeprefix("no-")
+            if self.version.at_least(8, 0):
+                self.warnings.append(format_warning(f"-{name} is deprecated, use '-machine {prop}=off' instead"))
+            self.machine = keyval_parse(f"{prop}=off", into=self.machine)
         elif name == "enable-kvm":
             # vl.c: "-enable-kvm" is "-machine accel=kvm"
             self.machine = keyval_parse("accel=kvm", into=self.machine)

@@ -252,6 +252,10 @@ class QemuVm:
             v.lehash = list(self.kvm.default_lehash)
 
     def _srat_node_of(self, gpa: int) -> int | None:
+        """The guest firmware's SRAT (hw/i386/acpi-build.c ``build_srat``: EPC entries since 7.0); none
+        without ACPI."""
+        if not self.config.machine.acpi:
+            return None
         for s in self.layout.epc_sections:
             if s.base <= gpa < s.base + s.size:
                 return s.node if self.config.numa_nodes else None
