@@ -176,13 +176,25 @@ def test_commit_4755927a_info_sgx_lists_each_node():
     args = (numa + "-m 2G -accel kvm -cpu host -object memory-backend-epc,id=mem0,size=64M,prealloc=on "
             "-object memory-backend-epc,id=mem1,size=28M,prealloc=on "
             "-M sgx-epc.0.memdev=mem0,sgx-epc.0.node=0,sgx-epc.1.memdev=mem1,sgx-epc.1.node=1")
-    vm = start(args, host("128M@0", "128M@1"), qemu_version="8.1")
+    vm = start(args, host("128M@0", "128M@1"), qemu_version="8.0")
     assert vm.query_sgx()["sections"] == [{"node": 0, "size": 67108864}, {"node": 1, "size": 29360128}]
-    # From 8.1 (hw/i386/sgx.c hmp_info_sgx) the total follows the per-node lines.
+    # From 8.0 (hw/i386/sgx.c hmp_info_sgx) the total follows the per-node lines.
     assert vm.info_sgx().splitlines()[-3:] == ["NUMA node #0: size=67108864", "NUMA node #1: size=29360128",
                                                "total size=96468992"]
     # The guest's SRAT puts each section on its node: no firmware-bug fallback.
     assert not vm.guest.dmesg_lines("Firmware Bug")
+
+
+@pytest.mark.parametrize("version,legacy", [("7.2", True), ("8.0", False), ("10.0", False)])
+def test_section_size_leaves_both_qmp_replies_and_info_sgx_in_8_0(version, legacy):
+    # "i386: SGX: remove deprecated member of SGXInfo" (pull of 2022-12-21; removed-features.rst: 8.0).
+    vm = start(["-accel", "kvm", "-cpu", "host"] + EPC_ONE, qemu_version=version)
+    assert ("section-size" in vm.query_sgx()) is legacy
+    assert ("section-size" in vm.query_sgx_capabilities()) is legacy
+    assert vm.query_sgx_capabilities()["sections"] == [{"node": 0, "size": 256 * MB}]
+    lines = vm.info_sgx().splitlines()
+    assert (lines[4] == "size: 67108864") is legacy
+    assert (lines[-1] == "total size=67108864") is not legacy
 
 
 # -- libvirt's test argv ---------------------------------------------------------------------------------
@@ -293,3 +305,32 @@ def test_no_acpi_is_machine_acpi_off_and_warns_as_deprecated_from_8_0():
     assert old.stderr == []
     assert new.stderr == ["qemu-system-x86_64: warning: -no-acpi is deprecated, use '-machine acpi=off' instead"]
     assert start(["-accel", "kvm", "-cpu", "host"] + EPC_ONE).config.machine.acpi
+
+
+# -- docs/qemu-options.md -----------------------------------------------------------------------------
+def _doc_rows(heading: str) -> list[list[str]]:
+    from pathlib import Path
+    text = (Path(__file__).parent.parent / "docs" / "qemu-options.md").read_text()
+    section = text.split(f"## {heading}\n", 1)[1].split("\n## ", 1)[0]
+    return [[c.strip() for c in line.strip().strip("|").split("|")]
+            for line in section.splitlines() if line.startswith("| `-")]
+
+
+def test_options_doc_lists_every_option_the_model_knows():
+    from vepc.vmm.options import OPTION_TABLE
+    documented = {row[0].strip("`").split()[0].removeprefix("-"): row[1] for row in _doc_rows("Every option")}
+    assert documented == dict(OPTION_TABLE)
+
+
+def test_options_doc_lists_the_removed_options_with_their_release():
+    from vepc.vmm.qemu_version import REMOVED_OPTIONS
+    documented = {row[0].strip("`").removeprefix("-"): row[1] for row in _doc_rows("Options removed by release (docs/about/removed-features.rst)")}
+    assert documented == {name: f"{a}.{b}" for name, (a, b) in REMOVED_OPTIONS.items()}
+
+
+@pytest.mark.parametrize("name,removed_in,still_in", [("writeconfig", "7.1", "7.0"), ("no-hpet", "9.0", "8.2"),
+                                                      ("no-acpi", "9.0", "8.2"), ("runas", "10.0", "9.2")])
+def test_removed_option_is_invalid_from_its_release_and_accepted_before(name, removed_in, still_in):
+    args = [f"-{name}"] + (["x"] if name in ("writeconfig", "runas") else []) + ["-accel", "kvm", "-cpu", "host"] + EPC_ONE
+    assert error_of(args, qemu_version=removed_in) == f"qemu-system-x86_64: -{name}: invalid option"
+    start(args, qemu_version=still_in)

@@ -814,8 +814,8 @@ _PASSTHROUGH = {
     "audiodev": True, "audio": True, "runas": True, "run-with": True, "incoming": True, "loadvm": True,
     "fsdev": True, "virtfs": True, "tpmdev": True, "set": True, "icount": True, "preconfig": False,
     "action": True, "add-fd": True, "compat": True, "semihosting": False, "plugin": True, "full-screen": False,
-    "rtc-td-hack": False, "iscsi": True, "readconfig": True, "writeconfig": True, "debugcon": True,
-    "device-list": False, "no-fd-bootchk": False, "pflash": True, "mtdblock": True, "sd": True,
+    "iscsi": True, "readconfig": True, "writeconfig": True, "debugcon": True,
+    "no-fd-bootchk": False, "pflash": True, "mtdblock": True, "sd": True,
 }
 #: Options this model refuses: the message is QEMU's where QEMU refuses them too.
 #: ``-sgx-epc`` is the pre-upstream intel/qemu-sgx spelling (QemuOpts list "sgx-epc"); upstream QEMU never

@@ -408,7 +408,7 @@ class QemuVm:
         """QMP ``query-sgx-capabilities`` (host view: host CPUID, /dev/sgx_vepc openable)."""
         from vepc.vmm.qmp import query_sgx_capabilities
         return query_sgx_capabilities(self.kvm.host_cpuid if self.vm else host_kvm(self.host).host_cpuid,
-                                      "/dev/sgx_vepc" in self.kernel.devices)
+                                      "/dev/sgx_vepc" in self.kernel.devices, version=self.config.qemu_version)
 
     def info_sgx(self) -> str:
         """HMP ``info sgx``."""

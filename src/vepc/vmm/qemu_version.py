@@ -7,11 +7,14 @@ into is decided here, each rule with its source:
 * ``sgx-epc.N.node`` is mandatory from 7.0 (qapi/machine.json ``SgxEPC``, commit "Add the SGX numa
   description", Yang Zhong, 2021-11); 6.2 placed every section on node 0;
 * QMP ``query-sgx`` lists ``sections`` from 7.0 (6.2 had a flat ``section-size``); HMP ``info sgx``
-  printed ``size: N`` before the per-node lines up to 8.0 and ``total size=N`` after them from 8.1;
+  printed ``size: N`` before the per-node lines up to 7.2 and ``total size=N`` after them from 8.0
+  (commit "i386: SGX: remove deprecated member of SGXInfo", pull of 2022-12-21, which also dropped
+  ``section-size`` from both QMP replies: docs/about/removed-features.rst "removed in 8.0");
 * the XFRM regression of 7.1 (commit 301e9067 masked CPUID.0x12.1 ECX/EDX with XSS instead of XCR0)
   was fixed by 72497cff in 8.1, 7.2.3 and 8.0.1;
-* options removed from the command line (docs/about/removed-features.rst): ``-no-hpet`` and
-  ``-no-acpi`` in 9.0 (now ``-machine hpet=off`` / ``acpi=off``);
+* options removed from the command line (docs/about/removed-features.rst): ``-writeconfig`` in 7.1,
+  ``-no-hpet`` and ``-no-acpi`` in 9.0 (now ``-machine hpet=off`` / ``acpi=off``), ``-runas`` in 10.0
+  (now ``-run-with user=``);
 * "unsupported machine type" names the type from 9.1 (system/vl.c ``select_machine``, fixed to quote
   ``machine_type`` in 9.1.1; the model uses the quoted form from 9.1);
 * versioned machine types: deprecated after 3 and deleted after 6 years (include/hw/boards.h
@@ -42,7 +45,7 @@ KNOWN_RELEASES = ((6, 2), (7, 0), (7, 1), (7, 2), (8, 0), (8, 1), (8, 2), (9, 0)
                   (10, 1))
 
 #: Command-line options QEMU removed, and the release that removed them (docs/about/removed-features.rst).
-REMOVED_OPTIONS = {"no-hpet": (9, 0), "no-acpi": (9, 0)}
+REMOVED_OPTIONS = {"writeconfig": (7, 1), "no-hpet": (9, 0), "no-acpi": (9, 0), "runas": (10, 0)}
 
 
 @dataclass(frozen=True, order=True)
@@ -91,8 +94,9 @@ class QemuVersion:
 
     @property
     def hmp_legacy_size_line(self) -> bool:
-        """``info sgx`` prints ``size: N`` after the FLC line (6.2 - 8.0) instead of ``total size=N``."""
-        return not self.at_least(8, 1)
+        """``info sgx`` prints ``size: N`` after the FLC line and the QMP replies carry ``section-size``
+        (6.2 - 7.2); from 8.0 ``total size=N`` follows the per-node lines."""
+        return not self.at_least(8, 0)
 
     @property
     def xfrm_bug(self) -> bool:

@@ -7,7 +7,7 @@
 * ``query_sgx_capabilities`` (``qmp_query_sgx_capabilities``): the host view from host CPUID; error
   "SGX is not enabled in KVM" when /dev/sgx_vepc cannot be opened.  Sections: host CPUID.0x12.{2..9}
   while the type is 1, and ``node`` is merely the running index ``j++`` (no NUMA lookup).
-* ``hmp_info_sgx`` (``hmp_info_sgx``): since QEMU 8.1 (``section-size`` removed) one
+* ``hmp_info_sgx`` (``hmp_info_sgx``): since QEMU 8.0 (``section-size`` removed) one
   ``NUMA node #k: size=N`` line per section then ``total size=N``; QEMU 7.0-8.0 printed
   ``size: N`` after the FLC line and no total (``legacy_size_line=True``).
 
@@ -71,14 +71,14 @@ def query_sgx(config: QemuConfig, layout: GuestLayout | None = None, *, version:
         sections = [{"node": s.node, "size": s.size} for s in config.sgx_epc]
     info: dict[str, Any] = {"sgx": True, "sgx1": True, "sgx2": True, "flc": True}
     if version is not None and version.hmp_legacy_size_line:
-        # SgxInfo.section-size (the sum): 6.2 .. 8.0, deprecated by 'sections' in 7.0, removed in 8.1
+        # SgxInfo.section-size (the sum): 6.2 .. 7.2, deprecated by 'sections' in 7.0, removed in 8.0
         info["section-size"] = sum(s["size"] for s in sections)
     if version is None or version.query_sgx_sections:
         info["sections"] = sections
     return info
 
 
-def query_sgx_capabilities(host_cpuid: HostCpuid, vepc_available: bool) -> dict[str, Any]:
+def query_sgx_capabilities(host_cpuid: HostCpuid, vepc_available: bool, *, version: Any = None) -> dict[str, Any]:
     """``query-sgx-capabilities`` from the host's CPUID (``host_cpuid(leaf, subleaf) -> (a, b, c, d)``).
 
     >>> regs = {(7, 0): (0, 1 << 2, 1 << 30, 0), (0x12, 0): (3, 0, 0, 0),
@@ -108,8 +108,12 @@ def query_sgx_capabilities(host_cpuid: HostCpuid, vepc_available: bool) -> dict[
         size = (ecx & 0xFFFFF000) + ((edx & 0xFFFFF) << 32)
         sections.append({"node": j, "size": size})
         j += 1
-    return {"sgx": info["sgx"], "sgx1": info["sgx1"], "sgx2": info["sgx2"], "flc": info["flc"],
-            "sections": sections}
+    out = {"sgx": info["sgx"], "sgx1": info["sgx1"], "sgx2": info["sgx2"], "flc": info["flc"]}
+    if version is not None and version.hmp_legacy_size_line:
+        out["section-size"] = sum(s["size"] for s in sections)          # 6.2 .. 7.2, as in query-sgx
+    if version is None or version.query_sgx_sections:
+        out["sections"] = sections
+    return out
 
 
 def hmp_info_sgx(info: Mapping[str, Any] | QemuError, *, legacy_size_line: bool = False) -> str:
