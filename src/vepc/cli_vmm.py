@@ -114,3 +114,59 @@ def register(cli: click.Group) -> None:
                    f"{c['free'] * 4096 >> 20} MiB free of {c['total'] * 4096 >> 20} MiB")
         if stopped:
             sys.exit(1)
+
+    @cli.command("cloud-hypervisor", context_settings={"ignore_unknown_options": True,
+                                                       "allow_interspersed_args": False})
+    @click.option("--host-epc", default=DEFAULT_HOST_EPC, show_default=True,
+                  help="Host EPC sections as SIZE@NODE, comma separated, in CPUID order.")
+    @click.option("--host-kernel", default="6.8", show_default=True, help="Host kernel version.")
+    @click.option("--json", "as_json", is_flag=True, help="Print the layout, CPUID 0x12 and guest dmesg as JSON.")
+    @click.argument("ch_args", nargs=-1, type=click.UNPROCESSED)
+    def ch_cmd(host_epc: str, host_kernel: str, as_json: bool, ch_args: tuple[str, ...]) -> None:
+        """Boot a VM from Cloud Hypervisor (v0.9 .. v47) options on a model host.
+
+        \b
+        Example (docs/intel_sgx.md):
+          vepc cloud-hypervisor -- --cpus boot=1 --memory size=512M \\
+            --sgx-epc id=epc0,size=64M,prefault=on
+        """
+        from vepc.kernel.kernel import SgxUnavailable
+        from vepc.machine import Machine
+        from vepc.vmm.cloud_hypervisor import CloudHypervisorVm
+        from vepc.vmm.cpuid import cpuid_rows
+        from vepc.vmm.errors import QemuError
+
+        if not ch_args:
+            _fail("cloud-hypervisor: no Cloud Hypervisor options given (put them after --)")
+        try:
+            host = Machine.build(epc=[s for s in host_epc.split(",") if s], kernel_version=host_kernel)
+        except (ValueError, SgxUnavailable) as e:
+            _fail(f"--host-epc: {e}")
+        try:
+            vm = CloudHypervisorVm(host, list(ch_args)).start()
+        except QemuError as e:
+            if e.vepc_only:
+                _fail(e.message)
+            click.echo(e.message, err=True)
+            sys.exit(1)
+        leaves = {k: v for k, v in sorted(vm.cpuid.items()) if k[0] == 0x12}
+        sections = [{"id": vm.ch_ids[s.memdev], "base": f"{s.base:#x}", "size": s.size}
+                    for s in vm.layout.epc_sections]
+        if as_json:
+            click.echo(json.dumps({"frontend": vm.frontend, "sgx_epc": sections,
+                                   "epc_committed_bytes": vm.epc_committed_bytes(),
+                                   "cpuid": {f"{l:#x}.{s}": [f"{x:#010x}" for x in r] for (l, s), r in leaves.items()},
+                                   "guest_dmesg": vm.guest.dmesg_lines("sgx") if vm.guest else []}, indent=2))
+            return
+        click.echo(f"front end: cloud-hypervisor (RAM {vm.layout.ram_size >> 20} MiB, {vm.ch.cpus} vCPU)")
+        for s in sections:
+            click.echo(f"SGX EPC section {s['id']}: {s['base']} ({s['size']:#x})")
+        click.echo("\nguest CPUID 0x12:")
+        for row in cpuid_rows(leaves):
+            click.echo(f"  {row}")
+        click.echo("\nguest dmesg:")
+        for line in vm.guest.dmesg_lines("sgx"):
+            click.echo(f"  {line}")
+        c = host.kernel.pool.counts()
+        click.echo(f"\nhost: {vm.epc_committed_bytes() >> 20} MiB of EPC committed to the VM; "
+                   f"{c['free'] * 4096 >> 20} MiB free of {c['total'] * 4096 >> 20} MiB")
