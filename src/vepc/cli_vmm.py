@@ -31,6 +31,67 @@ def _fail(message: str) -> None:
     sys.exit(2)
 
 
+def _print_guest_and_host(host, vm, leaves: dict) -> None:
+    """The guest's CPUID 0x12 rows and SGX dmesg lines, then the host's EPC use."""
+    from vepc.vmm.cpuid import cpuid_rows
+
+    click.echo("\nguest CPUID 0x12:")
+    for row in cpuid_rows(leaves):
+        click.echo(f"  {row}")
+    if vm.guest is not None:
+        click.echo("\nguest dmesg:")
+        for line in vm.guest.dmesg_lines("sgx") or ["(no SGX lines: the guest has no SGX)"]:
+            click.echo(f"  {line}")
+    c = host.kernel.pool.counts()
+    click.echo(f"\nhost: {vm.epc_committed_bytes() >> 20} MiB of EPC committed to the VM; "
+               f"{c['free'] * 4096 >> 20} MiB free of {c['total'] * 4096 >> 20} MiB")
+
+
+def _boot_qemu(host, argv: list[str], *, qemu_version: str, strict: bool = False, intel_qemu_sgx: bool = False,
+               as_json: bool = False, frontend: str = "qemu") -> None:
+    """Start a QemuVm from ``argv`` on ``host`` and print what QEMU and the guest see (or QEMU's refusal)."""
+    from vepc.kvm import KvmExit, KvmRunError
+    from vepc.vmm.errors import QemuError
+    from vepc.vmm.qemu import QemuVm
+
+    stopped = False
+    try:
+        vm = QemuVm(host, argv, name="vm", qemu_version=qemu_version, strict=strict,
+                    intel_qemu_sgx=intel_qemu_sgx)
+        vm.frontend = frontend
+        vm.start()
+    except QemuError as e:
+        if e.vepc_only:
+            for line in e.preface:
+                click.echo(line, err=True)
+            _fail(e.message)
+        click.echo(e.report, err=True)
+        sys.exit(1)
+    except (KvmRunError, KvmExit):
+        stopped = True                    # the VM stopped (internal-error); QEMU's line is in vm.stderr
+    leaves = {k: v for k, v in sorted(vm.cpuid.items()) if k[0] == 0x12}
+    if as_json:
+        out = {"query-sgx": vm.query_sgx(), "query-sgx-capabilities": vm.query_sgx_capabilities(),
+               "cpuid": [{"leaf": f"{l:#x}", "subleaf": s, "eax": f"{r[0]:#010x}", "ebx": f"{r[1]:#010x}",
+                          "ecx": f"{r[2]:#010x}", "edx": f"{r[3]:#010x}"} for (l, s), r in leaves.items()],
+               "frontend": vm.frontend, "state": vm.state, "error": vm.error,
+               "epc_committed_bytes": vm.epc_committed_bytes(),
+               "guest_dmesg": vm.guest.dmesg_lines("sgx") if vm.guest else []}
+        click.echo(json.dumps(out, indent=2))
+        sys.exit(1 if stopped else 0)
+    for line in vm.stderr:
+        click.echo(line, err=True)
+    click.echo(f"front end: {vm.frontend} {vm.config.qemu_version} ({vm.config.machine.type}, "
+               f"accel {vm.config.accel}, cpu {vm.config.cpu.model})")
+    if stopped:
+        click.echo("VM stopped: internal-error (the vCPU's KVM_RUN failed; QEMU keeps the process and its EPC)")
+    click.echo("(qemu) info sgx")
+    click.echo(vm.info_sgx())
+    _print_guest_and_host(host, vm, leaves)
+    if stopped:
+        sys.exit(1)
+
+
 def register(cli: click.Group) -> None:
     @cli.command("qemu", context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
     @click.option("--host-epc", default=DEFAULT_HOST_EPC, show_default=True,
@@ -54,11 +115,7 @@ def register(cli: click.Group) -> None:
             -M sgx-epc.0.memdev=m0,sgx-epc.0.node=0
         """
         from vepc.kernel.kernel import SgxUnavailable
-        from vepc.kvm import KvmExit, KvmRunError
         from vepc.machine import Machine
-        from vepc.vmm.cpuid import cpuid_rows
-        from vepc.vmm.errors import QemuError
-        from vepc.vmm.qemu import QemuVm
 
         if not qemu_args:
             _fail("qemu: no QEMU options given (put them after --)")
@@ -70,50 +127,8 @@ def register(cli: click.Group) -> None:
             QemuVersion.parse(qemu_version)
         except ValueError as e:
             _fail(f"--qemu-version: {e}")
-        stopped = False
-        try:
-            vm = QemuVm(host, list(qemu_args), name="vm", qemu_version=qemu_version, strict=strict,
-                        intel_qemu_sgx=intel_qemu_sgx)
-            vm.start()
-        except QemuError as e:
-            if e.vepc_only:
-                for line in e.preface:
-                    click.echo(line, err=True)
-                _fail(e.message)
-            click.echo(e.report, err=True)
-            sys.exit(1)
-        except (KvmRunError, KvmExit):
-            stopped = True                    # the VM stopped (internal-error); QEMU's line is in vm.stderr
-        leaves = {k: v for k, v in sorted(vm.cpuid.items()) if k[0] == 0x12}
-        if as_json:
-            out = {"query-sgx": vm.query_sgx(), "query-sgx-capabilities": vm.query_sgx_capabilities(),
-                   "cpuid": [{"leaf": f"{l:#x}", "subleaf": s, "eax": f"{r[0]:#010x}", "ebx": f"{r[1]:#010x}",
-                              "ecx": f"{r[2]:#010x}", "edx": f"{r[3]:#010x}"} for (l, s), r in leaves.items()],
-                   "frontend": vm.frontend, "state": vm.state, "error": vm.error,
-                   "epc_committed_bytes": vm.epc_committed_bytes(),
-                   "guest_dmesg": vm.guest.dmesg_lines("sgx") if vm.guest else []}
-            click.echo(json.dumps(out, indent=2))
-            sys.exit(1 if stopped else 0)
-        for line in vm.stderr:
-            click.echo(line, err=True)
-        click.echo(f"front end: {vm.frontend} {vm.config.qemu_version} ({vm.config.machine.type}, "
-                   f"accel {vm.config.accel}, cpu {vm.config.cpu.model})")
-        if stopped:
-            click.echo("VM stopped: internal-error (the vCPU's KVM_RUN failed; QEMU keeps the process and its EPC)")
-        click.echo("(qemu) info sgx")
-        click.echo(vm.info_sgx())
-        click.echo("\nguest CPUID 0x12:")
-        for row in cpuid_rows(leaves):
-            click.echo(f"  {row}")
-        if vm.guest is not None:
-            click.echo("\nguest dmesg:")
-            for line in vm.guest.dmesg_lines("sgx"):
-                click.echo(f"  {line}")
-        c = host.kernel.pool.counts()
-        click.echo(f"\nhost: {vm.epc_committed_bytes() >> 20} MiB of EPC committed to the VM; "
-                   f"{c['free'] * 4096 >> 20} MiB free of {c['total'] * 4096 >> 20} MiB")
-        if stopped:
-            sys.exit(1)
+        _boot_qemu(host, list(qemu_args), qemu_version=qemu_version, strict=strict,
+                   intel_qemu_sgx=intel_qemu_sgx, as_json=as_json)
 
     @cli.command("cloud-hypervisor", context_settings={"ignore_unknown_options": True,
                                                        "allow_interspersed_args": False})
@@ -133,7 +148,6 @@ def register(cli: click.Group) -> None:
         from vepc.kernel.kernel import SgxUnavailable
         from vepc.machine import Machine
         from vepc.vmm.cloud_hypervisor import CloudHypervisorVm
-        from vepc.vmm.cpuid import cpuid_rows
         from vepc.vmm.errors import QemuError
 
         if not ch_args:
@@ -161,12 +175,60 @@ def register(cli: click.Group) -> None:
         click.echo(f"front end: cloud-hypervisor (RAM {vm.layout.ram_size >> 20} MiB, {vm.ch.cpus} vCPU)")
         for s in sections:
             click.echo(f"SGX EPC section {s['id']}: {s['base']} ({s['size']:#x})")
-        click.echo("\nguest CPUID 0x12:")
-        for row in cpuid_rows(leaves):
-            click.echo(f"  {row}")
-        click.echo("\nguest dmesg:")
-        for line in vm.guest.dmesg_lines("sgx"):
-            click.echo(f"  {line}")
-        c = host.kernel.pool.counts()
-        click.echo(f"\nhost: {vm.epc_committed_bytes() >> 20} MiB of EPC committed to the VM; "
-                   f"{c['free'] * 4096 >> 20} MiB free of {c['total'] * 4096 >> 20} MiB")
+        _print_guest_and_host(host, vm, leaves)
+
+    @cli.command("libvirt")
+    @click.argument("domain_xml", type=click.Path(dir_okay=False))
+    @click.option("--host-epc", default=DEFAULT_HOST_EPC, show_default=True,
+                  help="Host EPC sections as SIZE@NODE, comma separated, in CPUID order.")
+    @click.option("--host-kernel", default="6.8", show_default=True, help="Host kernel version.")
+    @click.option("--qemu-version", default="7.0", show_default=True,
+                  help="QEMU release libvirt drives (decides -no-acpi vs acpi=off, and QEMU's own rules).")
+    @click.option("--argv", "print_argv", is_flag=True, help="Print the QEMU argv libvirt builds, one option a line.")
+    @click.option("--json", "as_json", is_flag=True, help="Print query-sgx, query-sgx-capabilities and CPUID as JSON.")
+    def libvirt_cmd(domain_xml: str, host_epc: str, host_kernel: str, qemu_version: str, print_argv: bool,
+                    as_json: bool) -> None:
+        """Boot a libvirt domain XML with <memory model='sgx-epc'> devices, through the QEMU argv libvirt builds.
+
+        \b
+        Example:
+          vepc libvirt examples/libvirt-sgx-epc.xml --host-epc 128M@0,128M@1
+        """
+        import shlex
+
+        from vepc.kernel.kernel import SgxUnavailable
+        from vepc.machine import Machine
+        from vepc.vmm.libvirt import LibvirtError, domain_to_qemu_argv
+
+        try:
+            with open(domain_xml, encoding="utf-8") as f:
+                text = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            _fail(f"{domain_xml}: {getattr(e, 'strerror', None) or e}")
+        try:
+            argv = domain_to_qemu_argv(text, domain_xml, qemu_version=qemu_version)
+        except LibvirtError as e:
+            if e.vepc_only:
+                _fail(str(e))
+            click.echo(f"error: {e}", err=True)             # virsh prints libvirt's message after "error: "
+            sys.exit(1)
+        except ValueError as e:                              # --qemu-version
+            _fail(f"--qemu-version: {e}")
+        if print_argv:
+            words = ["/usr/bin/qemu-system-x86_64"] + argv
+            lines, i = [words[0]], 1
+            while i < len(words):                            # libvirt's .args: one option and its value a line
+                if i + 1 < len(words) and not words[i + 1].startswith("-"):
+                    lines.append(f"{words[i]} {shlex.quote(words[i + 1])}")
+                    i += 2
+                else:
+                    lines.append(words[i])
+                    i += 1
+            click.echo(" \\\n".join(lines))
+            return
+        try:
+            host = Machine.build(epc=[s for s in host_epc.split(",") if s], kernel_version=host_kernel)
+        except (ValueError, SgxUnavailable) as e:
+            _fail(f"--host-epc: {e}")
+        _boot_qemu(host, argv, qemu_version=qemu_version, as_json=as_json, frontend="libvirt")
+
