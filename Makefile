@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench fuzz clean
+.PHONY: demo test bench perf-doc fuzz clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -19,6 +19,12 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/vepc bench
+
+# docs/performance.md is generated from a full run, never edited by hand.
+perf-doc: $(STAMP)
+	mkdir -p build
+	$(BIN)/vepc bench --json > build/bench-run.json
+	$(BIN)/vepc bench --from-json build/bench-run.json --markdown > docs/performance.md
 
 fuzz: $(STAMP)
 	@$(BIN)/python -m vepc.reliability.fuzz --sequences 1500 --steps 50

@@ -5,6 +5,7 @@ Usage::
 
     python -m vepc.bench.child boot 512G              # {"time": s, "rss": bytes, "pages": n}
     python -m vepc.bench.child vms 520G 64 8G         # {"time", "start", "run", "kill", "rss"}
+    python -m vepc.bench.child memory 16G             # {"host", "vms", "total"}: resident B per EPC page
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import resource
 import sys
 import time
 
-__all__ = ["peak_rss", "boot", "vms"]
+__all__ = ["peak_rss", "rss", "boot", "vms", "memory"]
 
 
 def peak_rss() -> int:
@@ -27,6 +28,46 @@ def peak_rss() -> int:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def rss() -> int:
+    """Resident set size of this process now, bytes (VmRSS)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise OSError("no VmRSS in /proc/self/status")
+
+
+def _epc_vm_args(size: str) -> str:
+    return (f"-m 1G -accel kvm -cpu host -object memory-backend-epc,id=m0,size={size},prealloc=on "
+            "-M sgx-epc.0.memdev=m0,sgx-epc.0.node=0")
+
+
+def memory(epc: str) -> dict:
+    """Resident-set growth per EPC page: boot a host with ``epc`` of EPC, start 4 QEMU VMs with a quarter
+    each (prealloc=on, guest kernels booted: every EPC page committed), and divide the growth of VmRSS by
+    the host's EPC pages. A tiny host and VM run first so that code and import costs are not counted."""
+    import gc
+
+    from vepc.machine import Machine
+    from vepc.types import parse_size
+    from vepc.vmm.qemu import QemuVm
+
+    warm = Machine.build(epc=["16M@0"])
+    QemuVm(warm, _epc_vm_args("4M")).start().kill()
+    del warm
+    gc.collect()
+    r0 = rss()
+    host = Machine.build(epc=[f"{epc}@0"])
+    r1 = rss()
+    quarter = parse_size(epc) // 4
+    running = [QemuVm(host, _epc_vm_args(f"{quarter >> 10}K"), name=f"vm{i}").start() for i in range(4)]
+    r2 = rss()
+    pages = host.kernel.pool.nr_pages
+    if host.kernel.pool.nr_free != 0 or any(vm.guest is None for vm in running):
+        raise SystemExit("not every EPC page was committed to a VM with a guest kernel")
+    return {"host": (r1 - r0) / pages, "vms": (r2 - r1) / pages, "total": (r2 - r0) / pages, "pages": pages}
 
 
 def boot(epc: str) -> dict:
@@ -49,8 +90,7 @@ def vms(host_epc: str, count: str, vm_epc: str) -> dict:
     from vepc.vmm.qemu import QemuVm
 
     host = Machine.build(epc=[f"{host_epc}@0"])
-    args = (f"-m 1G -accel kvm -cpu host -object memory-backend-epc,id=m0,size={vm_epc},prealloc=on "
-            "-M sgx-epc.0.memdev=m0,sgx-epc.0.node=0")
+    args = _epc_vm_args(vm_epc)
     n = int(count)
     t0 = time.perf_counter()
     started = [QemuVm(host, args, name=f"vm{i}").start() for i in range(n)]
@@ -68,7 +108,7 @@ def vms(host_epc: str, count: str, vm_epc: str) -> dict:
 
 def main(argv: list[str]) -> None:
     cmd, *args = argv
-    fn = {"boot": boot, "vms": vms}[cmd]
+    fn = {"boot": boot, "vms": vms, "memory": memory}[cmd]
     print(json.dumps(fn(*args)))
 
 
