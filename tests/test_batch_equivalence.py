@@ -25,7 +25,7 @@ from vepc.events import EventKind
 from vepc.kernel import epc_pool
 from vepc.kernel.invariants import check as invariants
 from vepc.kernel.ioctl_numbers import (
-    SGX_IOC_ENCLAVE_ADD_PAGES, SGX_IOC_ENCLAVE_CREATE, SGX_IOC_VEPC_REMOVE_ALL,
+    SGX_IOC_ENCLAVE_ADD_PAGES, SGX_IOC_ENCLAVE_CREATE, SGX_IOC_VEPC_REMOVE_ALL, SGX_PAGE_MEASURE,
 )
 from vepc.kernel.mm import MAP_ANONYMOUS, MAP_PRIVATE, MAP_SHARED
 from vepc.kernel.owners import OwnerKind
@@ -436,6 +436,42 @@ def test_remove_all_and_release_batches_equal_per_page(seed):
     both(sc_remove, seed)
 
 
+def sc_add_pages(rng: random.Random, out: dict) -> None:
+    """SGX_IOC_ENCLAVE_ADD_PAGES with SGX_PAGE_MEASURE (REG and TCS pages, random contents), with and
+    without ENCLS tracing: the 16 EEXTENDs of each page in one CPU call must equal the 16 leaves."""
+    m = Machine.build(epc=random_layout(rng, 256))
+    m.processor.trace_encls = rng.random() < 0.3
+    out["m"] = m
+    p = m.kernel.spawn("loader")
+    fd = p.open("/dev/sgx_enclave")
+    npages = rng.randint(1, 24)
+    size = 1 << max(13, ((npages + 1) * PAGE).bit_length())
+    area = p.mmap(2 * size, flags=MAP_PRIVATE | MAP_ANONYMOUS)
+    base = (area + size - 1) & ~(size - 1)
+    p.munmap(area, 2 * size)
+    secs = Secs(size=size, base=base, ssa_frame_size=1, attributes=int(Attribute.MODE64BIT), xfrm=3)
+    results = [p.ioctl(fd, SGX_IOC_ENCLAVE_CREATE, p.alloc_user(struct.pack("<Q", p.alloc_user(secs.pack()))))]
+    tcs = bytearray(PAGE)
+    struct.pack_into("<QQQQQQ", tcs, 16, 1, PAGE, 0, PAGE, 0, 0)     # OSSA, NSSA, OENTRY; FS/GS limits below
+    struct.pack_into("<II", tcs, 64, 0xFFF, 0xFFF)
+    results.append(p.ioctl(fd, SGX_IOC_ENCLAVE_ADD_PAGES, p.alloc_user(struct.pack(
+        "<6Q", p.alloc_user(bytes(tcs)), 0, PAGE, p.alloc_user(Secinfo(flags=PageType.TCS << 8).pack()),
+        SGX_PAGE_MEASURE, 0))))
+    src = p.alloc_user(bytes(rng.getrandbits(8) for _ in range(npages * PAGE)))
+    si = p.alloc_user(Secinfo(flags=REG_RW).pack())
+    measure = SGX_PAGE_MEASURE if rng.random() < 0.8 else 0
+    results.append(p.ioctl(fd, SGX_IOC_ENCLAVE_ADD_PAGES, p.alloc_user(struct.pack(
+        "<6Q", src, PAGE, npages * PAGE, si, measure, 0))))
+    out["procs"] = [p]
+    out["results"] = results
+
+
+@pytest.mark.parametrize("seed", range(N_CASES))
+def test_add_pages_with_measure_equals_eextend_leaf_by_leaf(seed):
+    a, _ = both(sc_add_pages, seed)
+    assert a["results"][0] == 0 and a["results"][2] == 0
+
+
 # -- the batch paths run (the equivalence above is not vacuous) --------------------------------------------
 def test_batch_paths_emit_counted_events_and_keep_invariants():
     with mode(True):
@@ -451,3 +487,18 @@ def test_batch_paths_emit_counted_events_and_keep_invariants():
     assert m.events.totals()["EPC_ALLOC"] == 1024 and m.events.totals()["VEPC_EREMOVE"] == 1024
     assert invariants(m.kernel, m.processor, idle=True) == []
     assert len(m.events) < 200                    # a few events per batch, not one per page
+
+
+def test_add_pages_takes_the_one_call_eextend_on_the_batch_paths(monkeypatch):
+    from vepc.silicon.leaves import build_batch
+
+    taken = []
+    real = build_batch.eextend_page
+    monkeypatch.setattr(build_batch, "eextend_page", lambda *a: taken.append(real(*a)) or taken[-1])
+    with mode(True):
+        host_enclave(Machine.build(epc=["1M@0"]), 4)                       # unmeasured: no EEXTEND at all
+        assert taken == []
+        rng = random.Random(0)
+        assert rng.random() >= 0.3                                          # sc_add_pages: tracing off
+        sc_add_pages(random.Random(0), {})
+    assert taken and all(taken)

@@ -44,7 +44,7 @@ def test_quick_bench_json_has_the_run_and_every_figure_with_limit_what_numeric_g
         assert f["key"], f
     keys = {f["key"] for f in figures}
     assert {"guest_touch", "prealloc_batch", "prealloc_per_page", "release", "build", "build_ioctl", "ewb_eldu",
-            "fault_cost_epc", "fault_cost_vms", "memory_256M", "memory_1G", "boot", "many_vms"} <= keys
+            "fault_cost_epc", "fault_cost_vms", "memory_1G", "memory_4G", "boot", "many_vms"} <= keys
 
 
 def test_a_figure_that_meets_its_ratio_but_not_its_absolute_goal_does_not_meet():

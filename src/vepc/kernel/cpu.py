@@ -21,7 +21,7 @@ import numpy as np
 from vepc.arch.constants import PAGE_SIZE
 from vepc.silicon.processor import Processor
 
-__all__ = ["KernelCpu", "HostCpu", "eremove_batch", "EMPTY_RESULTS"]
+__all__ = ["KernelCpu", "HostCpu", "eextend_page", "eremove_batch", "EMPTY_RESULTS"]
 
 #: No results: the batch did not run (the caller goes page by page).
 EMPTY_RESULTS = np.zeros(0, dtype=np.int64)
@@ -106,6 +106,15 @@ class HostCpu:
                 kicked += 1
         return kicked
 
+    def eextend_page(self, secs_addr: int, page_addr: int) -> bool:
+        """EEXTEND of the 16 chunks of the EPC page at host-physical ``page_addr`` (see :func:`eextend_page`)."""
+        from vepc.silicon.leaves.build_batch import eextend_page
+
+        if page_addr & (PAGE_SIZE - 1):
+            return False
+        idx = int(self.processor.epc_indices(np.array([page_addr]))[0])
+        return idx >= 0 and eextend_page(self.lp, idx, secs_addr)
+
     def eremove_batch(self, addrs: np.ndarray, stop_unless: tuple[int, ...] | None = None) -> np.ndarray:
         """EREMOVE at host-physical ``addrs`` in order (see :class:`KernelCpu`); a prefix of the results."""
         addrs = np.asarray(addrs, dtype=np.int64)
@@ -115,6 +124,14 @@ class HostCpu:
             idx = idx[:bad[0]]                # #GP / #PF from there on: the per-page path reports it
         rets = self.processor.eremove_batch(self.lp, idx, stop_unless)
         return EMPTY_RESULTS if rets is None else rets
+
+
+def eextend_page(cpu, secs_addr: int, page_addr: int) -> bool:
+    """The 16 EEXTENDs of ``__sgx_encl_extend`` for the EPC page at ``page_addr`` in one call when the CPU
+    offers it (the host LP: :func:`vepc.silicon.leaves.build_batch.eextend_page`); False means nothing was
+    done and the caller executes the leaves one by one (a guest vCPU, a fault, ENCLS tracing)."""
+    fn = getattr(cpu, "eextend_page", None)
+    return fn is not None and fn(secs_addr, page_addr)
 
 
 def eremove_batch(cpu, addrs: np.ndarray, stop_unless: tuple[int, ...] | None = None) -> np.ndarray:

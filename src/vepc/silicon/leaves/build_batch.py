@@ -25,12 +25,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from vepc.arch.constants import PAGE_SIZE, SECINFO_RESERVED_MASK, PageType
+from vepc.arch.constants import PAGE_SIZE, SECINFO_RESERVED_MASK, Leaf, PageType
 from vepc.arch.structs import Secinfo
 from vepc.silicon.epcm import PT_MASK, PT_SHIFT, RWX_SHIFT, VALID
-from vepc.silicon.leaves.build import EADD_TAG, EEXTEND_TAG
+from vepc.silicon.leaves.build import _EEXTEND_BLOCK, EADD_TAG, EEXTEND_TAG
 
-__all__ = ["eadd_batch", "MEASURE_BLOCK_BYTES"]
+__all__ = ["eadd_batch", "eextend_page", "MEASURE_BLOCK_BYTES"]
 
 #: Bytes SHA-256 absorbs per measured page: the EADD block and 16 x (EEXTEND block + 256 bytes).
 MEASURE_BLOCK_BYTES = 64 + 16 * (64 + 256)
@@ -125,3 +125,45 @@ def eadd_batch(lp, secs_idx: int, idx: np.ndarray, offsets: np.ndarray, secinfo_
         epcm.offset[idx] = offsets >> 12
         st.child_count += n
     return n
+
+
+def eextend_page(lp, idx: int, rbx: int = 0) -> bool:
+    """EEXTEND of chunks 0..15 of EPC page ``idx`` in order, in one call (``__sgx_encl_extend``'s loop).
+
+    The 16 leaves share their operand's EPCM entry and enclave, and none of them changes either, so the
+    first one's checks (SDM EEXTEND: valid REG/TCS page, enclave not initialized; ENCLS itself: SGX
+    enabled, not inside an enclave) decide all 16. When they hold, MRENCLAVE absorbs the same 16 blocks
+    ("EEXTEND" | offset | 256 bytes) in one update and True is returned; otherwise nothing changes and the
+    result is False: the caller executes the leaves, which raise the fault. With ENCLS tracing on (one
+    event per leaf) the batch does not run either. ``rbx`` is what the leaves got in RBX (the SECS), left
+    in the LP's RBX as they leave it.
+
+    >>> from vepc.baremetal import BareMetal
+    >>> from vepc.silicon import Processor, ProcessorConfig, EpcSection
+    >>> from vepc.types import PhysAddr
+    >>> from vepc.arch.structs import Secs
+    >>> bm = BareMetal(Processor(ProcessorConfig(sections=(EpcSection(PhysAddr(0x80000000), 1 << 20),))))
+    >>> bm.ecreate(Secs(size=0x2000, base=0x10000, ssa_frame_size=1, attributes=4, xfrm=3), bm.epc(0))
+    0
+    >>> eextend_page(bm.cpu.lp(0), 1), bm.eadd(bm.epc(1), bm.epc(0), 0x10000, b"x", (PageType.REG << 8) | 3)
+    (False, 0)
+    >>> eextend_page(bm.cpu.lp(0), 1)
+    True
+    """
+    proc = lp.processor
+    if proc.trace_encls or lp.inside is not None or not proc.sgx_enabled() or Leaf.EEXTEND not in proc.leaves:
+        return False
+    f = int(proc.epcm.flags[idx])
+    if not f & VALID or ((f & PT_MASK) >> PT_SHIFT) not in (PageType.REG, PageType.TCS):
+        return False
+    with proc.lock:
+        st = proc.enclaves[int(proc.epcm.secs[idx])]
+        if st.initialized:
+            return False
+        base = int(proc.epcm.offset[idx]) << 12
+        page = proc.memory.epc.get(idx)
+        data = bytes(page) if page is not None else bytes(PAGE_SIZE)
+        pack = _EEXTEND_BLOCK.pack
+        st.measurement.update(b"".join(pack(EEXTEND_TAG, base + c) + data[c:c + 256] for c in range(0, PAGE_SIZE, 256)))
+        lp.rbx = rbx
+    return True
