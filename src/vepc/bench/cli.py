@@ -93,6 +93,10 @@ def bench(as_json: bool, quick: bool, repeat: int | None, markdown: bool, from_j
         result = run_bench(quick=quick, repeats=repeat, progress=progress)
         _add_real_kvm(result, quick, repeat, progress)
         run = {"run": run_facts(quick, repeat), "figures": result["figures"]}
+        if not quick:                                    # where the time goes (docs/performance.md)
+            from vepc.bench.profile import run_profiles
+            progress("profiles")
+            run["profiles"] = run_profiles()
     if markdown:
         click.echo(render_markdown(run), nl=False)
     elif as_json:

@@ -4,7 +4,7 @@ so that ``vepc bench --from-json docs/performance.md --markdown`` regenerates th
 test checks it: the page is never edited by hand).
 
 Placeholders in the template: ``{{run}}`` (where and how it ran), ``{{table}}``, ``{{limits}}``,
-``{{json}}``, and ``{{ratio:KEY}}`` / ``{{value:KEY}}`` / ``{{meets:KEY}}`` for the figure with that
+``{{json}}``, ``{{profile:NAME}}`` (a profile the run recorded), and ``{{ratio:KEY}}`` / ``{{value:KEY}}`` / ``{{meets:KEY}}`` for the figure with that
 ``key`` ("(not in this run)" where the run lacks it).
 
 >>> run = {"run": {"mode": "quick", "repeats": 1, "cores": 2, "memory_gib": 4.0, "python": "3.11.9",
@@ -89,9 +89,22 @@ def _run_line(run: dict) -> str:
             f"Python {r['python']}, {r['date']}, commit {r['commit']}")
 
 
+def _profile(run: dict, name: str) -> str:
+    rows = run.get("profiles", {}).get(name)
+    if not rows:
+        return "(not in this run)"
+    out = ["| own time | share | calls | cumulative | function |", "|---:|---:|---:|---:|---|"]
+    for r in rows:
+        out.append(f"| {r['tottime']:.3f} s | {r['share']:.0%} | {r['calls']} | {r['cumtime']:.3f} s | "
+                   f"`{_cell(r['function'])}` |")
+    return "\n".join(out)
+
+
 def _fill(template: str, run: dict) -> str:
     def one(m: re.Match) -> str:
         kind, arg = m.group(1), m.group(2)
+        if kind == "profile":
+            return _profile(run, arg)
         if kind == "run":
             return _run_line(run)
         if kind == "table":
@@ -110,7 +123,7 @@ def _fill(template: str, run: dict) -> str:
         from vepc.bench.cli import _num
         return _num(f.value, f.unit)
 
-    return re.sub(r"\{\{(run|table|limits|json|ratio|value|meets)(?::([^}]+))?\}\}", one, template)
+    return re.sub(r"\{\{(run|table|limits|json|ratio|value|meets|profile)(?::([^}]+))?\}\}", one, template)
 
 
 def render_markdown(run: dict) -> str:

@@ -125,15 +125,10 @@ class Kernel:
     def current(self, proc: Process | None) -> None:
         self._current.task = proc
 
-    @contextlib.contextmanager
-    def running(self, proc: Process):
-        """Kernel code on behalf of ``proc`` (a system call, a page fault): ``current`` is ``proc``."""
-        prev = self.current
-        self.current = proc
-        try:
-            yield proc
-        finally:
-            self.current = prev
+    def running(self, proc: Process) -> "_Running":
+        """Kernel code on behalf of ``proc`` (a system call, a page fault): ``current`` is ``proc``
+        inside ``with kernel.running(proc):`` (a plain class, not a generator: it runs on every fault)."""
+        return _Running(self._current, proc)
 
     def current_node(self) -> int:
         """``numa_node_id()`` of the CPU running the current task."""
@@ -282,3 +277,22 @@ class Kernel:
 
     def sgx_total_bytes(self, node: int) -> int:
         return int(self.sysfs[f"/sys/devices/system/node/node{node}/x86/sgx_total_bytes"])
+
+
+class _Running:
+    """The context manager of :meth:`Kernel.running`: sets the thread's ``current`` and restores it."""
+
+    __slots__ = ("_local", "_proc", "_prev")
+
+    def __init__(self, local, proc) -> None:
+        self._local = local
+        self._proc = proc
+
+    def __enter__(self):
+        self._prev = getattr(self._local, "task", None)
+        self._local.task = self._proc
+        return self._proc
+
+    def __exit__(self, *exc) -> None:
+        self._local.task = self._prev
+

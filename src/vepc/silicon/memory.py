@@ -69,6 +69,13 @@ class PhysicalMemory:
 
     # -- software (non-enclave) view ------------------------------------------------------------
     def read(self, addr: PhysAddr, size: int) -> bytes:
+        off = addr & (PAGE_SIZE - 1)
+        if off + size <= PAGE_SIZE and not self.external:
+            # Within one page and no external mapping (the common case: one guest access): no buffer.
+            if self.layout.contains(addr):
+                return ABORT_PAGE[:size]
+            page = self.ram.get(addr >> PAGE_SHIFT)
+            return bytes(page[off:off + size]) if page is not None else ZERO_PAGE[:size]
         out = bytearray()
         while size:
             off = addr & (PAGE_SIZE - 1)
