@@ -73,7 +73,17 @@ def check_shared(doc: dict) -> None:
         "fb4bab3d6036ac1d730fa83d7366df1dd2dfeac194ef335d6854d8a6c6475542"
 
 
+def check_seed_rfc_v2(doc: dict) -> None:
+    assert doc["host"]["kernel"] == "rfc-v2"
+    steps = {s["index"]: s for s in doc["steps"]}
+    assert "VM pages unchanged" in steps[5]["detail"]
+    assert steps[7]["detail"].endswith("no SGX_IOC_VEPC_REMOVE_ALL (ENOTTY)")     # no ioctl in the seed's fops
+    assert "zombie SECS: 1 made, 1 freed" in steps[10]["detail"]
+    assert doc["host"]["free_bytes"] == doc["host"]["epc_bytes"] == 32 * MiB
+
+
 CASES = {
+    "seed_rfc_v2.toml": (0, check_seed_rfc_v2),
     "seed_story.toml": (0, check_seed_story),
     "lazy_guest_efault.toml": (0, check_lazy),
     "no_reclaim_for_vms.toml": (0, check_no_reclaim),

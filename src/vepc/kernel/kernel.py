@@ -31,16 +31,26 @@ from vepc.kernel.provision import SgxProvision
 from vepc.kernel.ram import RamAllocator
 from vepc.kernel import encls
 
-__all__ = ["Kernel", "KernelConfig", "SgxUnavailable", "parse_version"]
+__all__ = ["Kernel", "KernelConfig", "KERNEL_PROFILES", "SgxUnavailable", "parse_version"]
+
+
+#: Kernel profiles that are not a release: the version they behave as, besides what they change.
+#: ``rfc-v2`` is the seed: "[RFC PATCH v2 00/26] KVM SGX virtualization support" (Kai Huang, 18 Jan 2021),
+#: based on v5.11-rc3 (linux-sgx.md §0): ``/dev/sgx_virt_epc``, no vepc ioctl, the RFC's WARN text.
+KERNEL_PROFILES = {"rfc-v2": (5, 11)}
 
 
 def parse_version(text: str) -> tuple[int, int]:
-    """``"6.8"`` → (6, 8); the kernel-version switch of the model."""
+    """``"6.8"`` → (6, 8); a profile name (``"rfc-v2"``) → the version it is based on; the kernel-version
+    switch of the model."""
+    if text in KERNEL_PROFILES:
+        return KERNEL_PROFILES[text]
     try:
         major, minor = str(text).split(".")[:2]
         return int(major), int(minor)
     except ValueError:
-        raise ValueError(f"invalid kernel version {text!r} (expected MAJOR.MINOR, e.g. 6.8 or 5.15)") from None
+        raise ValueError(f"invalid kernel version {text!r} (expected MAJOR.MINOR, e.g. 6.8 or 5.15, "
+                         f"or a profile: {', '.join(KERNEL_PROFILES)})") from None
 
 
 class SgxUnavailable(RuntimeError):
@@ -49,7 +59,9 @@ class SgxUnavailable(RuntimeError):
 
 @dataclass(frozen=True)
 class KernelConfig:
-    """Kernel build and boot choices. ``x86_sgx_kvm`` is CONFIG_X86_SGX_KVM."""
+    """Kernel build and boot choices. ``x86_sgx_kvm`` is CONFIG_X86_SGX_KVM (CONFIG_KVM_INTEL for the
+    ``rfc-v2`` profile, whose Kconfig X86_SGX_VIRTUALIZATION depends on it). ``version``: "6.8", "5.15", ...
+    or a profile of :data:`KERNEL_PROFILES`."""
 
     version: str = "6.8"
     x86_sgx_kvm: bool = True
@@ -67,6 +79,8 @@ class Kernel:
         self.config = config
         self.name = name
         self.version = parse_version(config.version)
+        #: a :data:`KERNEL_PROFILES` name, or None for a release
+        self.profile = config.version if config.version in KERNEL_PROFILES else None
         self.events = events if events is not None else EventLog()
         self.platform_node_of = platform_node_of
         self.owners = OwnerRegistry()
@@ -92,6 +106,12 @@ class Kernel:
     # -- plumbing ------------------------------------------------------------------------------
     def version_at_least(self, major: int, minor: int) -> bool:
         return self.version >= (major, minor)
+
+    @property
+    def vepc_device(self) -> str:
+        """The virtual EPC's device node: ``/dev/sgx_virt_epc`` in the seed (RFC v2 05/26 ``sgx_virt_epc_dev``),
+        ``/dev/sgx_vepc`` from RFC v3 on (the name merged in 5.13)."""
+        return "/dev/sgx_virt_epc" if self.profile == "rfc-v2" else "/dev/sgx_vepc"
 
     def printk(self, line: str) -> None:
         self.dmesg.append(line)
@@ -223,11 +243,13 @@ class Kernel:
 
         drv_ret = sgx_drv_init(self)
         vepc_ret = 0
+        # sgx_vepc_init: "SGX virtualization requires KVM to work" -- no VMX, or no CONFIG_X86_SGX_KVM
+        # (RFC v2 sgx_virt_epc_init: !boot_cpu_has(X86_FEATURE_VMX) || !IS_ENABLED(CONFIG_KVM_INTEL)).
         if not self.features["vmx"] or not self.config.x86_sgx_kvm:
-            vepc_ret = -errno.ENODEV        # sgx_vepc_init: SGX virtualization requires KVM to work
+            vepc_ret = -errno.ENODEV
         else:
             self.vepc = VepcDriver(self)
-            self.devices["/dev/sgx_vepc"] = self.vepc
+            self.devices[self.vepc_device] = self.vepc
         if drv_ret and vepc_ret:
             # sgx_init: fail only if both the driver and the virtual EPC failed; unwind everything.
             self.devices.clear()

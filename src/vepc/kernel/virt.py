@@ -44,7 +44,7 @@ from vepc.kernel.pte import as_run
 if TYPE_CHECKING:
     from vepc.kernel.kernel import Kernel
 
-__all__ = ["SGX_IOC_VEPC_REMOVE_ALL", "Vepc", "VepcDriver", "EREMOVE_ERROR_MESSAGE"]
+__all__ = ["SGX_IOC_VEPC_REMOVE_ALL", "Vepc", "VepcDriver", "EREMOVE_ERROR_MESSAGE", "FAULT_POINTS"]
 
 
 #: Pages per batch of a release pass (bounds the temporary arrays).
@@ -82,10 +82,13 @@ class _VepcVmOps(VmOps):
         return self.driver.fault_range(vma, vpns, flags)
 
 
-class VepcDriver(FileOps):
-    """The misc device "sgx_vepc" of one kernel, with its global zombie list."""
+#: The seed's two failure paths of ``__sgx_virt_epc_fault`` that a test can force (:meth:`VepcDriver.inject`).
+FAULT_POINTS = ("xa_store", "vmf_insert_pfn")
 
-    name = "sgx_vepc"
+
+class VepcDriver(FileOps):
+    """The misc device "sgx_vepc" of one kernel ("sgx_virt_epc" in the seed, the ``rfc-v2`` profile),
+    with its global zombie list."""
 
     def __init__(self, kernel: "Kernel") -> None:
         self.kernel = kernel
@@ -95,7 +98,33 @@ class VepcDriver(FileOps):
         self.zombie_secs_pages: list[int] = []
         self.zombie_lock = threading.Lock()
         self.vm_ops = _VepcVmOps(self)
+        #: RFC v2 05/26: ``sgx_virt_epc_fops`` has open, release and mmap only (no ioctl).
+        self.rfc_v2 = kernel.profile == "rfc-v2"
+        self.name = "sgx_virt_epc" if self.rfc_v2 else "sgx_vepc"
         self.has_remove_all = kernel.version_at_least(5, 16)
+        #: armed failures: point -> how many of the next faults fail there (see :meth:`inject`)
+        self._inject: dict[str, int] = {}
+
+    def inject(self, point: str, count: int = 1) -> None:
+        """Make the next ``count`` page allocations of the fault path fail at ``point``: ``"xa_store"``
+        (-ENOMEM from the xarray: the page goes back to the pool) or ``"vmf_insert_pfn"`` (not
+        VM_FAULT_NOPAGE: the index is erased, the page freed, -EFAULT). Either way the fault is SIGBUS.
+        While a failure is armed, population goes page by page.
+
+        >>> # drv.inject("xa_store"); proc.touch(addr) -> False, SIGBUS; the pool is as before
+        """
+        if point not in FAULT_POINTS:
+            raise ValueError(f"unknown fault point {point!r} (one of: {', '.join(FAULT_POINTS)})")
+        if count < 0:
+            raise ValueError("count must not be negative")
+        self._inject[point] = self._inject.get(point, 0) + count
+
+    def _fails_at(self, point: str) -> bool:
+        n = self._inject.get(point, 0)
+        if n:
+            self._inject[point] = n - 1
+            return True
+        return False
 
     # -- open / mmap ---------------------------------------------------------------------------
     def open(self, kernel: "Kernel", file: File) -> int:
@@ -125,8 +154,17 @@ class VepcDriver(FileOps):
         page = self.pool.alloc(vepc, reclaim=False, node=self.kernel.current_node())
         if page < 0:
             return page
+        # xa_store(..., GFP_KERNEL): on error "goto err_free" -- sgx_free_epc_page, return the xarray error.
+        if self._inject and self._fails_at("xa_store"):
+            self.pool.free(page)
+            return -errno.ENOMEM
         vepc.page_array.store(index, page)
-        # vmf_insert_pfn cannot fail on a VM_PFNMAP VMA of this model.
+        # vmf_insert_pfn: "if (ret != VM_FAULT_NOPAGE) { ret = -EFAULT; goto err_delete; }" -- xa_erase, then
+        # free. It cannot fail on a VM_PFNMAP VMA of this model unless a test injects it.
+        if self._inject and self._fails_at("vmf_insert_pfn"):
+            vepc.page_array.erase(index)
+            self.pool.free(page)
+            return -errno.EFAULT
         vma.ptes[addr >> PAGE_SHIFT] = self.pool.phys_addr(page) >> PAGE_SHIFT
         return 0
 
@@ -153,7 +191,7 @@ class VepcDriver(FileOps):
         a PTE) and where the allocator runs dry; the caller handles that page through :meth:`fault`."""
         vepc: Vepc = vma.vm_private_data
         n = len(vpns)
-        if not n:
+        if not n or any(self._inject.values()):           # an armed failure: page by page
             return 0
         pa = vepc.page_array
         with vepc.lock:
@@ -198,10 +236,19 @@ class VepcDriver(FileOps):
         ret = self.remove_page(page)
         if ret:
             if ret != SgxReturn.SGX_CHILD_PRESENT:
-                self.kernel.warn_once("vepc_free_page", EREMOVE_ERROR_MESSAGE.format(ret))
+                self._warn_free_failure(page, ret)
             return ret
         self.pool.free(page)
         return 0
+
+    def _warn_free_failure(self, page: int, ret: int) -> None:
+        """The WARN_ONCE of a failed free: EREMOVE_ERROR_MESSAGE (sgx.h, from the merged driver on); the seed
+        printed "EREMOVE (EPC page 0x%lx): unexpected error: %d" with the page's physical address."""
+        if self.rfc_v2:
+            text = f"EREMOVE (EPC page {self.pool.phys_addr(page):#x}): unexpected error: {ret}"
+        else:
+            text = EREMOVE_ERROR_MESSAGE.format(ret)
+        self.kernel.warn_once("vepc_free_page", text)
 
     def remove_pages_batch(self, pages: np.ndarray, stop_unless: tuple[int, ...] | None = None) -> np.ndarray:
         """``sgx_vepc_remove_page`` of ``pages`` in order through the CPU's batch: the results of a
@@ -267,7 +314,8 @@ class VepcDriver(FileOps):
     def ioctl(self, file: File, cmd: int, arg: int, proc) -> int:
         """``sgx_vepc_ioctl``: REMOVE_ALL with arg 0, -EINVAL otherwise, -ENOTTY for other commands.
 
-        A "5.15" kernel has no ioctl at all (-ENOTTY for everything)."""
+        A "5.15" kernel has no ioctl at all, nor has the seed (``rfc-v2``): -ENOTTY for everything (vfs_ioctl
+        without ``unlocked_ioctl``)."""
         if not self.has_remove_all:
             return -errno.ENOTTY
         if cmd == SGX_IOC_VEPC_REMOVE_ALL:
@@ -294,9 +342,10 @@ class VepcDriver(FileOps):
                     pa.erase_many(seg_index)
                 else:
                     # sgx_vepc_free_page: WARN_ONCE for a failure other than SGX_CHILD_PRESENT.
-                    unexpected = rets[~ok & (rets != SgxReturn.SGX_CHILD_PRESENT)]
+                    unexpected = np.flatnonzero(~ok & (rets != SgxReturn.SGX_CHILD_PRESENT))
                     if len(unexpected):
-                        self.kernel.warn_once("vepc_free_page", EREMOVE_ERROR_MESSAGE.format(int(unexpected[0])))
+                        j = int(unexpected[0])
+                        self._warn_free_failure(int(seg_pages[j]), int(rets[j]))
                     self.pool.free_batch(seg_pages[ok])
                     pa.erase_many(np.asarray(seg_index)[ok])
                 i += len(rets)

@@ -173,7 +173,7 @@ class ModelHost:
         """open("/dev/sgx_vepc") and mmap it shared in the model VMM: ``(fd, address)``.
 
         Example: ``fd, hva = model.open_vepc(32 << 20)``."""
-        fd = self.vmm.open("/dev/sgx_vepc")
+        fd = self.vmm.open(self.kernel.vepc_device)
         return fd, self.vmm.mmap(size, flags=MAP_SHARED, fd=fd)
 
     def add_epc_memslot(self, slot: int, gpa: int, size: int, hva: int) -> None:

@@ -621,12 +621,12 @@ class ScenarioRunner:
             return f"{(after - before) >> 10} KiB newly committed on the host ({after >> 20} MiB in all)"
         self._check_free_name(step.name)
         kernel = self.machine.kernel
-        if "/dev/sgx_vepc" not in kernel.devices:
-            raise StepFailure("ENOENT (No such file or directory): /dev/sgx_vepc (the host has no KVM)")
+        if kernel.vepc_device not in kernel.devices:
+            raise StepFailure(f"ENOENT (No such file or directory): {kernel.vepc_device} (the host has no KVM)")
         length = -(-step.size // PAGE_SIZE) * PAGE_SIZE
         with self.rec.acting(f"{step.name} (host vepc)"):
             proc = kernel.spawn(step.name)
-            fd = proc.open("/dev/sgx_vepc")
+            fd = proc.open(kernel.vepc_device)
             addr = proc.mmap(length, flags=MAP_SHARED, fd=fd)
             user = _VepcUser(step.name, proc, fd, length)
             self.result.vepc_users.append(user)

@@ -87,7 +87,9 @@ class QemuVm:
         self.host = host
         self.kernel = host.kernel
         self.events = self.kernel.events
-        sgx_vepc = "/dev/sgx_vepc" in self.kernel.devices
+        # QEMU opens the host's virtual EPC device: /dev/sgx_vepc, or /dev/sgx_virt_epc on a host running
+        # the seed (the QEMU SGX tree of the RFC v2 era opened that name).
+        sgx_vepc = self.kernel.vepc_device in self.kernel.devices
         # /dev/kvm exists when the kvm_intel module loads: VMX on the host (vmx.c hardware_setup)
         kvm_available = bool(self.kernel.cpu.processor.config.vmx)
         self.config: QemuConfig = parse_qemu_args(args, sgx_vepc_available=sgx_vepc, qemu_version=qemu_version,
@@ -143,9 +145,9 @@ class QemuVm:
             if not obj.is_epc:
                 continue
             try:
-                fd = proc.open("/dev/sgx_vepc")
+                fd = proc.open(self.kernel.vepc_device)
             except OSError as e:
-                raise QemuError(f"failed to open /dev/sgx_vepc to alloc SGX EPC: {e.strerror}") from None
+                raise QemuError(f"failed to open {self.kernel.vepc_device} to alloc SGX EPC: {e.strerror}") from None
             try:
                 # system/physmem.c qemu_ram_alloc_from_fd: the RAM block is HOST_PAGE_ALIGN(size)
                 hva = proc.mmap(-(-obj.size // PAGE_SIZE) * PAGE_SIZE,
@@ -408,7 +410,7 @@ class QemuVm:
         """QMP ``query-sgx-capabilities`` (host view: host CPUID, /dev/sgx_vepc openable)."""
         from vepc.vmm.qmp import query_sgx_capabilities
         return query_sgx_capabilities(self.kvm.host_cpuid if self.vm else host_kvm(self.host).host_cpuid,
-                                      "/dev/sgx_vepc" in self.kernel.devices, version=self.config.qemu_version)
+                                      self.kernel.vepc_device in self.kernel.devices, version=self.config.qemu_version)
 
     def info_sgx(self) -> str:
         """HMP ``info sgx``."""
