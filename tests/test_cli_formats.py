@@ -111,6 +111,9 @@ def test_show_json_is_exactly_one_object_with_the_documented_keys(app, vectors):
     assert obj["mrsigner"] == TEST_ENCLAVE_MRSIGNER and obj["enclavehash"] == TEST_ENCLAVE_MRENCLAVE
     assert obj["attributes_mask"] == "fdffffffffffffff" and obj["isvprodid"] == 0xFFFF
     assert obj["signature_valid"] is True
+    # the numbers beside the little-endian bytes, with the bits named (asm/sgx.h, enum xfeature)
+    assert (obj["attributes_flags"], obj["attributes_names"]) == (4, ["MODE64BIT"])
+    assert (obj["xfrm_value"], obj["xfrm_names"]) == (3, ["FP", "SSE"])
 
 
 def test_show_reports_a_tampered_q1_as_not_valid(app, vectors, tmp_path):

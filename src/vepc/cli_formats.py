@@ -196,7 +196,8 @@ def sigstruct_show(file: str, as_json: bool, full: bool) -> None:
 
     --json prints one object with the keys enclavehash, mrsigner, attributes, xfrm, attributes_mask,
     xfrm_mask, miscselect, misc_mask (hex of the little-endian bytes), isvprodid, isvsvn, vendor (ints),
-    date (BCD yyyymmdd) and signature_valid.
+    date (BCD yyyymmdd), signature_valid, and attributes_flags / xfrm_value (the numbers) with
+    attributes_names / xfrm_names (their bits by name).
 
     \b
     Examples:

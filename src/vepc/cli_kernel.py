@@ -72,13 +72,20 @@ def load(sgxs: str, sig: str, epc: str, as_json: bool) -> None:
         _fail(e.path, e.problem)
     except OSError as e:
         where, why = _explain(e.errno, sgxs, sig)
+        hw = getattr(e, "hardware", None)                   # EnclaveIoctlError: what ENCLS answered
+        if hw is not None:
+            why += f": {e.leaf} returned {hw}"
+        if as_json:
+            click.echo(json.dumps({"ok": False, "error": f"{where}: {why}", "errno": _errname(e.errno),
+                                   "leaf": getattr(e, "leaf", None), "sgx_code": hw}, indent=2, sort_keys=True))
+            sys.exit(2)
         _fail(where, f"{why} ({_errname(e.errno)})")
     used = free_before - kernel.pool.nr_free
     encl = proc.file(loaded.fd).private_data
     swapped = encl.swapped_pages() + (encl.secs.epc_page is None)
     if as_json:
         out = loaded.as_dict()
-        out.update(epc_pages_used=used, swapped_out=swapped, epc=specs, epc_free=kernel.pool.nr_free,
+        out.update(ok=True, epc_pages_used=used, swapped_out=swapped, epc=specs, epc_free=kernel.pool.nr_free,
                    epc_total=kernel.pool.nr_pages)
         click.echo(json.dumps(out, indent=2, sort_keys=True))
         return

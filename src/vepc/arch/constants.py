@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 
 __all__ = [
+    "encls_result_name", "TRAP_NAMES",
     "PAGE_SIZE", "PAGE_SHIFT", "Leaf", "SGX1_LEAVES", "SGX2_LEAVES", "SgxReturn", "SGX_ENCLS_FAULT_FLAG",
     "X86_TRAP_GP", "X86_TRAP_PF", "X86_TRAP_UD", "encls_faulted", "encls_trapnr", "encls_failed",
     "encode_fault", "PageType", "SecinfoFlag", "SECINFO_PERMISSION_MASK", "SECINFO_PAGE_TYPE_MASK",
@@ -116,6 +117,26 @@ def encls_failed(ret: int) -> bool:
     if encls_faulted(ret):
         return encls_trapnr(ret) != X86_TRAP_PF
     return bool(ret)
+
+
+#: Exception mnemonics (SDM Vol. 3A, Table 6-1) for the vectors an ENCLS leaf raises.
+TRAP_NAMES = {6: "#UD", 13: "#GP", 14: "#PF"}
+
+
+def encls_result_name(ret: int) -> str:
+    """What ENCLS answered, by name: an SGX code (``SGX_INVALID_MEASUREMENT``) or the fault an
+    ``__encls_ret_N`` fixup turned into ``trapnr | SGX_ENCLS_FAULT_FLAG`` (``#GP``).
+
+    >>> encls_result_name(SgxReturn.SGX_INVALID_MEASUREMENT), encls_result_name(encode_fault(X86_TRAP_GP))
+    ('SGX_INVALID_MEASUREMENT', '#GP')
+    """
+    if encls_faulted(ret):
+        n = encls_trapnr(ret)
+        return TRAP_NAMES.get(n, f"exception {n}")
+    try:
+        return SgxReturn(ret).name
+    except ValueError:
+        return f"SGX error {ret}"
 
 
 class PageType(enum.IntEnum):

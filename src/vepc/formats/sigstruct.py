@@ -19,16 +19,43 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
-from vepc.arch.constants import SGX_MODULUS_SIZE, SIGSTRUCT_EXPONENT, SIGSTRUCT_HEADER1, SIGSTRUCT_HEADER2
+from vepc.arch.constants import (
+    SGX_MODULUS_SIZE, SIGSTRUCT_EXPONENT, SIGSTRUCT_HEADER1, SIGSTRUCT_HEADER2, Attribute,
+)
 from vepc.arch.structs import SIGSTRUCT_SIZE, Sigstruct
 from vepc.formats.errors import FormatError, read_input
 
 __all__ = ["parse_sigstruct", "read_sigstruct", "write_sigstruct", "mrsigner", "verify_signature",
-           "signature_checks", "describe", "DESCRIBE_KEYS"]
+           "signature_checks", "describe", "DESCRIBE_KEYS", "attribute_names", "xfrm_names", "XFEATURE_NAMES"]
 
 #: Keys of :func:`describe` (and of ``vepc sigstruct show --json``), in order.
 DESCRIBE_KEYS = ("enclavehash", "mrsigner", "attributes", "xfrm", "attributes_mask", "xfrm_mask", "miscselect",
-                 "misc_mask", "isvprodid", "isvsvn", "vendor", "date", "signature_valid")
+                 "misc_mask", "isvprodid", "isvsvn", "vendor", "date", "signature_valid",
+                 "attributes_flags", "attributes_names", "xfrm_value", "xfrm_names")
+
+#: XSAVE state components by XFRM bit (arch/x86/include/asm/fpu/types.h ``enum xfeature``, XFEATURE_ dropped).
+XFEATURE_NAMES = {0: "FP", 1: "SSE", 2: "YMM", 3: "BNDREGS", 4: "BNDCSR", 5: "OPMASK", 6: "ZMM_Hi256",
+                  7: "Hi16_ZMM", 8: "PT", 9: "PKRU", 10: "PASID", 11: "CET_USER", 12: "CET_KERNEL", 15: "LBR",
+                  17: "XTILE_CFG", 18: "XTILE_DATA", 19: "APX"}
+
+
+def attribute_names(value: int) -> list[str]:
+    """SECS.ATTRIBUTES bits by name (asm/sgx.h ``enum sgx_attribute``), unknown bits as ``BIT(n)``.
+
+    >>> attribute_names(0x6)
+    ['DEBUG', 'MODE64BIT']
+    """
+    names = {int(a): a.name for a in Attribute}
+    return [names.get(1 << b, f"BIT({b})") for b in range(64) if value >> b & 1]
+
+
+def xfrm_names(value: int) -> list[str]:
+    """XFRM bits by XSAVE component name.
+
+    >>> xfrm_names(0x3), xfrm_names(0xe7)
+    (['FP', 'SSE'], ['FP', 'SSE', 'YMM', 'OPMASK', 'ZMM_Hi256', 'Hi16_ZMM'])
+    """
+    return [XFEATURE_NAMES.get(b, f"BIT({b})") for b in range(64) if value >> b & 1]
 
 
 def _le(raw: bytes) -> int:
@@ -140,7 +167,9 @@ def describe(sig: Sigstruct) -> dict[str, object]:
     Byte fields (enclavehash, mrsigner) are lowercase hex; attributes/xfrm and their masks are the hex of the
     little-endian 8 bytes, miscselect/misc_mask of the little-endian 4 bytes, as in the file (so
     ``attributes_mask`` of test_enclave.sig reads ``fdffffffffffffff``); isvprodid, isvsvn and vendor are ints;
-    ``date`` is the BCD yyyymmdd as 8 hex digits (``'20161214'``); signature_valid a bool.
+    ``date`` is the BCD yyyymmdd as 8 hex digits (``'20161214'``); signature_valid a bool. Beside the byte
+    forms, ``attributes_flags`` and ``xfrm_value`` are the numbers and ``attributes_names`` / ``xfrm_names``
+    their bits by name (``["MODE64BIT"]``, ``["FP", "SSE"]``).
 
     >>> d = describe(read_sigstruct("/work/shared/vectors/test_enclave.sig"))  # doctest: +SKIP
     >>> d["attributes"], d["isvprodid"]  # doctest: +SKIP
@@ -160,4 +189,8 @@ def describe(sig: Sigstruct) -> dict[str, object]:
         "vendor": sig.vendor,
         "date": f"{sig.date:08x}",
         "signature_valid": verify_signature(sig),
+        "attributes_flags": sig.attributes,
+        "attributes_names": attribute_names(sig.attributes),
+        "xfrm_value": sig.xfrm,
+        "xfrm_names": xfrm_names(sig.xfrm),
     }

@@ -20,14 +20,16 @@ cannot be replayed that way (a partially measured page, chunks measured out of o
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, TYPE_CHECKING
 
-from vepc.arch.constants import PAGE_SIZE, PageType, SecinfoFlag
+from vepc.arch.constants import PAGE_SIZE, PageType, SecinfoFlag, encls_result_name
 from vepc.arch.structs import SIGSTRUCT_SIZE, Secs, Sigstruct
+from vepc.events import EventKind
 from vepc.formats.errors import FormatError
 from vepc.formats.sgxs import SgxsImage, parse_sgxs
 from vepc.kernel.ioctl_numbers import (
@@ -39,13 +41,54 @@ if TYPE_CHECKING:
     from vepc.kernel.kernel import Kernel
     from vepc.kernel.mm import Process
 
-__all__ = ["LoadedEnclave", "LoadError", "check_loadable", "load_enclave"]
+__all__ = ["EnclaveIoctlError", "LoadedEnclave", "LoadError", "check_loadable", "load_enclave"]
 
 _FULL = 0xFFFF
 
 
 class LoadError(FormatError):
     """The image or SIGSTRUCT cannot be loaded: ``path`` names the input, ``problem`` says why."""
+
+
+class EnclaveIoctlError(OSError):
+    """An ioctl of the load failed with the errno the kernel returned. Where the processor refused
+    (ENCLAVE_CREATE: ECREATE faulted, -EIO; ENCLAVE_INIT: EINIT returned an SGX code, -EPERM, or faulted,
+    -EIO), ``hardware`` names what ENCLS answered -- ``SGX_INVALID_MEASUREMENT``, ``#GP`` -- read from
+    the kernel's ENCL_CREATE / ENCL_INIT event (upstream logs the code with pr_debug "EINIT returned %d"
+    only); ``leaf`` is "ECREATE" or "EINIT". Both are None for refusals of the driver itself."""
+
+    def __init__(self, err: OSError, leaf: str | None = None, hardware: str | None = None) -> None:
+        text = err.strerror or str(err)
+        if hardware is not None:
+            text += f": {leaf} returned {hardware}"
+        super().__init__(err.errno, text)
+        self.leaf = leaf
+        self.hardware = hardware
+
+
+def _hardware_answer(kernel: "Kernel", owner: int, kind: "EventKind") -> int | None:
+    """The ``arg`` (ENCLS result) of the newest event ``kind`` of enclave ``owner``, or None."""
+    rows = kernel.events.rows
+    for i in range(len(rows) - 1, -1, -1):
+        r = rows[i]
+        if r[1] == kind and r[2] == owner:
+            return r[5]
+    return None
+
+
+def _ioctl(kernel: "Kernel", proc: "Process", fd: int, cmd: int, arg: int) -> None:
+    """``proc.ioctl``; a failure of CREATE or INIT that the processor caused names ENCLS's answer."""
+    try:
+        proc.ioctl(fd, cmd, arg)
+    except OSError as e:
+        leaf, kind = {SGX_IOC_ENCLAVE_CREATE: ("ECREATE", EventKind.ENCL_CREATE),
+                      SGX_IOC_ENCLAVE_INIT: ("EINIT", EventKind.ENCL_INIT)}.get(cmd, (None, None))
+        ret = None
+        if leaf is not None and e.errno in (errno.EIO, errno.EPERM) and fd in proc.fds:
+            ret = _hardware_answer(kernel, proc.file(fd).private_data.owner_id, kind)
+        if not ret:
+            raise
+        raise EnclaveIoctlError(e, leaf, encls_result_name(ret)) from None
 
 
 def check_loadable(image: SgxsImage) -> None:
@@ -146,7 +189,7 @@ def load_enclave(kernel: "Kernel", proc: "Process", sgxs_path_or_image: "str | P
                     xfrm=sig.xfrm if xfrm is None else xfrm)
         secs_buf = proc.alloc_user(secs.pack())
         create_arg = proc.alloc_user(struct.pack("<Q", secs_buf))
-        proc.ioctl(fd, SGX_IOC_ENCLAVE_CREATE, create_arg)
+        _ioctl(kernel, proc, fd, SGX_IOC_ENCLAVE_CREATE, create_arg)
         if on_created is not None:
             on_created()
 
@@ -165,7 +208,7 @@ def load_enclave(kernel: "Kernel", proc: "Process", sgxs_path_or_image: "str | P
 
         sig_buf = proc.alloc_user(sig_raw)
         init_arg = proc.alloc_user(struct.pack("<Q", sig_buf))
-        proc.ioctl(fd, SGX_IOC_ENCLAVE_INIT, init_arg)
+        _ioctl(kernel, proc, fd, SGX_IOC_ENCLAVE_INIT, init_arg)
         for buf, n in ((secs_buf, PAGE_SIZE), (create_arg, 8), (src, PAGE_SIZE), (secinfo_buf, 64),
                        (add_arg, 48), (sig_buf, SIGSTRUCT_SIZE), (init_arg, 8)):
             proc.munmap(buf, n)
