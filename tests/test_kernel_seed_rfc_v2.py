@@ -133,8 +133,22 @@ def test_fault_on_a_populated_index_returns_0_without_allocating():
     free = m.kernel.pool.nr_free
     vma = proc.find_vma(addr)
     vma.ptes.pop(addr >> 12)                                 # the PTE gone, the xarray entry kept
-    assert m.kernel.vepc._fault_locked(proc.file(fd).private_data, vma, addr, 0) == 0
+    vepc = proc.file(fd).private_data
+    with vepc.lock:
+        assert m.kernel.vepc._fault_locked(vepc, vma, addr, 0) == 0
     assert m.kernel.pool.nr_free == free and (addr >> 12) not in vma.ptes
+    assert not m.events.warnings()
+
+
+def test_fault_without_the_vepc_lock_warns_every_time():
+    # WARN_ON(!mutex_is_locked(&vepc->lock));
+    m = seed()
+    proc, fd = open_virt_epc(m)
+    addr = proc.mmap(MB, fd=fd)
+    vepc, vma = proc.file(fd).private_data, proc.find_vma(addr)
+    for i in range(2):
+        m.kernel.vepc._fault_locked(vepc, vma, addr + i * 4096, i)
+    assert m.kernel.dmesg_lines("vepc->lock is not held") == ["WARNING: __sgx_vepc_fault: vepc->lock is not held"] * 2
 
 
 def test_fault_allocates_with_the_vepc_as_owner_and_no_reclaim():

@@ -56,7 +56,8 @@ EREMOVE_ERROR_MESSAGE = ("EREMOVE returned {0} (0x{0:x}) and an EPC page was lea
 
 
 class Vepc:
-    """``struct sgx_vepc``: the page array and its lock. One per open file description."""
+    """``struct sgx_vepc`` (the seed's ``struct sgx_virt_epc``): the page array and its lock. One per open
+    file description."""
 
     owner_kind = OwnerKind.VEPC
     owner_id = 0
@@ -94,7 +95,8 @@ class VepcDriver(FileOps):
         self.kernel = kernel
         self.pool = kernel.pool
         self.events = kernel.events
-        #: ``zombie_secs_pages`` and its mutex (sgx_vepc_init).
+        #: ``zombie_secs_pages`` and its mutex ``zombie_secs_pages_lock`` (sgx_vepc_init; RFC v2 renamed them
+        #: from virtual_epc_zombie_pages / virt_epc_lock, "per Dave's suggestion").
         self.zombie_secs_pages: list[int] = []
         self.zombie_lock = threading.Lock()
         self.vm_ops = _VepcVmOps(self)
@@ -148,6 +150,10 @@ class VepcDriver(FileOps):
     # -- fault ---------------------------------------------------------------------------------
     def _fault_locked(self, vepc: Vepc, vma: Vma, addr: int, index: int) -> int:
         """``__sgx_vepc_fault``, called with ``vepc.lock`` held."""
+        if not vepc.lock.locked():
+            # RFC v2 (and upstream): WARN_ON(!mutex_is_locked(&vepc->lock)); -- not once: every time
+            self.kernel.printk("WARNING: __sgx_vepc_fault: vepc->lock is not held")
+            self.events.emit(EventKind.WARN, text="__sgx_vepc_fault: vepc->lock is not held")
         if vepc.page_array.load(index) is not None:
             # Already allocated: upstream returns 0 without inserting the PFN again.
             return 0
