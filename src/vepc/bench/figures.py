@@ -107,10 +107,9 @@ def _goal_num(v: float, unit: str) -> str:
     return f"{v:g} {unit}".strip()
 
 
-def failed(name: str, error: str, unit: str = "") -> Figure:
+def failed(name: str, error: str, unit: str = "", key: str = "") -> Figure:
     """A figure whose measurement failed: no value, so it does not meet its goal."""
-    return Figure(f"{name} ({error})", None, unit, limit_what="the measurement failed", goal_min=0.0,
-                  key=name.split()[0])
+    return Figure(f"{name} ({error})", None, unit, limit_what="the measurement failed", goal_min=0.0, key=key)
 
 
 @dataclass(frozen=True)
@@ -336,6 +335,10 @@ def fig_prealloc_release(sz: Sizes) -> list[Figure]:
                    key="release")]
 
 
+#: include/uapi/asm-generic/mman-common.h
+MADV_POPULATE_WRITE = 23
+
+
 def populate_rate(pages: int) -> float:
     """The kernel populating ``pages`` fresh anonymous pages in one madvise(MADV_POPULATE_WRITE) (5.14+);
     where that is refused, one byte written per page (numpy strided write)."""
@@ -354,9 +357,6 @@ def populate_rate(pages: int) -> float:
     m.close()
     return pages / dt
 
-
-#: include/uapi/asm-generic/mman-common.h
-MADV_POPULATE_WRITE = 23
 
 
 def fig_prealloc_per_page(sz: Sizes) -> list[Figure]:
@@ -546,7 +546,7 @@ def fig_bytes_per_page(sz: Sizes) -> list[Figure]:
         r = _child(["memory", epc], sz.timeout)
         name = f"resident bytes per EPC page: {_human(parse_size(epc))} host + 4 VMs with guest kernels"
         if "error" in r:
-            out.append(failed(name, r["error"], "B/page"))
+            out.append(failed(name, r["error"], "B/page", key=f"memory_{epc}"))
             continue
         out.append(Figure(name, r["total"], "B/page", None,
                           "none (a budget): RSS growth from before the host boots to all EPC committed, per EPC page",
@@ -573,7 +573,7 @@ def fig_boot(sz: Sizes) -> list[Figure]:
     r = _child(["boot", sz.boot_big], sz.timeout)
     label = _human(parse_size(sz.boot_big))
     if "error" in r:
-        out.append(failed(f"boot {label} host", r["error"], "s"))
+        out.append(failed(f"boot {label} host", r["error"], "s", key="boot"))
     else:
         out.append(Figure(f"boot {label} host (sanitizing included)", r["time"], "s", None, BUDGET,
                           goal_max=sz.boot_big_time, key="boot"))
@@ -582,7 +582,7 @@ def fig_boot(sz: Sizes) -> list[Figure]:
     r = _child(["boot", sz.boot_huge], sz.timeout)
     label = _human(parse_size(sz.boot_huge))
     if "error" in r:
-        out.append(failed(f"boot {label} host", r["error"], "s"))
+        out.append(failed(f"boot {label} host", r["error"], "s", key="boot_huge"))
     else:
         out.append(Figure(f"boot {label} host: time", r["time"], "s", None, f"{BUDGET}: it boots, within the timeout",
                           goal_max=sz.timeout, detail_unit="bytes", details={"peak RSS": r["rss"]}, key="boot_huge"))
@@ -594,7 +594,7 @@ def fig_many_vms(sz: Sizes) -> list[Figure]:
     r = _child(["vms", host_epc, str(sz.vms), sz.vm_epc], sz.timeout)
     name = f"{sz.vms} VMs x {_human(parse_size(sz.vm_epc))} EPC: start (prealloc), run, kill"
     if "error" in r:
-        return [failed(name, r["error"], "s")]
+        return [failed(name, r["error"], "s", key="many_vms")]
     return [Figure(f"{name} (peak RSS {_human(r['rss'])})", r["time"], "s", None, BUDGET, goal_max=sz.vms_time,
                    detail_unit="s", key="many_vms", details={"start": r["start"], "run": r["run"], "kill": r["kill"]})]
 
@@ -620,5 +620,5 @@ def run_bench(quick: bool = False, repeats: int | None = None,
         try:
             figures.extend(fn(sz))
         except Exception as e:                 # one broken figure must not hide the others
-            figures.append(failed(fn.__name__[4:].replace("_", " "), f"{type(e).__name__}: {e}"))
+            figures.append(failed(fn.__name__[4:].replace("_", " "), f"{type(e).__name__}: {e}", key=fn.__name__[4:]))
     return {"figures": [f.as_json() for f in figures], "_figures": figures}
