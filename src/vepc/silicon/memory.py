@@ -1,7 +1,8 @@
 """Physical memory: RAM pages and EPC page contents, and how a leaf reaches its memory operands.
 
-RAM is sparse (a page exists once written; unwritten RAM reads as zeros). EPC contents are stored only
-for pages that hold any. Software outside an enclave that touches EPC gets abort-page semantics: reads
+RAM is sparse (a page exists once written; unwritten RAM reads as zeros). EPC contents live in one
+lazily mapped array for all EPC pages (:class:`EpcStore`): a page is present once written, and only the
+pages written cost memory. Software outside an enclave that touches EPC gets abort-page semantics: reads
 return all-ones, writes are dropped (SDM "abort page"; reference vmm-anchors §1.2).
 
 ENCLS operands are linear addresses. ``OperandMemory`` is the translation a leaf uses: on the host the
@@ -23,17 +24,197 @@ vepc.realkvm), so that the model reads and writes that memory in place:
 
 from __future__ import annotations
 
-from typing import Protocol
+import mmap
+from typing import Iterator, Protocol
+
+import numpy as np
 
 from vepc.arch.constants import PAGE_SHIFT, PAGE_SIZE
 from vepc.silicon.epc import EpcLayout, EpcSection  # noqa: F401  (EpcSection re-exported for the doctest)
 from vepc.silicon.faults import PF_PRESENT, PF_SGX, PF_WRITE, PageFault
 from vepc.types import PhysAddr
 
-__all__ = ["PhysicalMemory", "OperandMemory", "HostOperandMemory", "ZERO_PAGE", "ABORT_PAGE"]
+__all__ = ["PhysicalMemory", "OperandMemory", "HostOperandMemory", "EpcStore", "ZERO_PAGE", "ABORT_PAGE"]
 
 ZERO_PAGE = bytes(PAGE_SIZE)
 ABORT_PAGE = b"\xff" * PAGE_SIZE
+
+#: mman.h MAP_NORESERVE (x86): the mapping reserves no swap, so a terabyte of EPC maps on a small machine.
+_MAP_NORESERVE = 0x4000
+
+
+def _is_run(indices) -> bool:
+    """``indices`` ascend by one (a run of consecutive pages)."""
+    n = len(indices)
+    return bool(n) and int(indices[-1]) - int(indices[0]) == n - 1 and (n == 1 or bool((np.diff(indices) == 1).all()))
+
+
+class EpcStore:
+    """EPC page contents by global page index, with the operations of a ``dict[int, bytes-like]`` that the
+    leaves use (``get``, ``[i] =``, ``pop``, ``in``, ``items``). The bytes live in 4 KiB slots of large
+    anonymous ``MAP_NORESERVE`` chunks, made as needed; a slot freed by ``pop`` (EREMOVE, EWB: "free up
+    the EPCM entry") is zeroed and reused, so memory follows the pages that hold contents and a page
+    loaded after another was written back reuses memory already faulted in. ``get`` returns a writable
+    ``memoryview``; ``pop`` a copy. :meth:`store_run` copies many new pages into consecutive slots at once.
+
+    >>> st = EpcStore(4); st[2] = b"\\x07" * 4096; (2 in st, 3 in st, bytes(st.get(2)[:2]), len(st))
+    (True, False, b'\\x07\\x07', 1)
+    >>> st.pop(2)[:1], st.get(2), st == {}
+    (b'\\x07', None, True)
+    """
+
+    #: slots per chunk (16 MiB)
+    CHUNK = 4096
+
+    __slots__ = ("nr_pages", "_slot", "_chunks", "_views", "_free", "_next", "_count")
+
+    def __init__(self, nr_pages: int) -> None:
+        self.nr_pages = nr_pages
+        self._slot: np.ndarray | None = None        # slot + 1 per page; 0: no contents
+        self._chunks: list[np.ndarray] = []
+        self._views: list[memoryview] = []
+        self._free: list[int] = []
+        self._next = 0
+        self._count = 0
+
+    def _slot_of(self, index: int) -> int:
+        sl = self._slot
+        return -1 if sl is None else int(sl[index]) - 1
+
+    def _view_of(self, slot: int) -> memoryview:
+        off = (slot & (self.CHUNK - 1)) * PAGE_SIZE
+        return self._views[slot // self.CHUNK][off:off + PAGE_SIZE]
+
+    def _fresh(self, n: int) -> int:
+        """``n`` consecutive never-used slots (their chunks mapped); the first."""
+        first = self._next
+        self._next += n
+        while len(self._chunks) * self.CHUNK < self._next:
+            m = mmap.mmap(-1, self.CHUNK * PAGE_SIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE)
+            if hasattr(mmap, "MADV_NOHUGEPAGE"):
+                m.madvise(mmap.MADV_NOHUGEPAGE)
+            self._chunks.append(np.frombuffer(m, dtype=np.uint8))
+            self._views.append(memoryview(m))
+        return first
+
+    def _assign(self, index: int) -> int:
+        if self._slot is None:
+            self._slot = np.zeros(self.nr_pages, dtype=np.uint32)
+        slot = self._free.pop() if self._free else self._fresh(1)
+        self._slot[index] = slot + 1
+        self._count += 1
+        return slot
+
+    def __contains__(self, index: int) -> bool:
+        return self._slot_of(index) >= 0
+
+    def __len__(self) -> int:
+        return self._count
+
+    def get(self, index: int, default=None):
+        slot = self._slot_of(index)
+        return default if slot < 0 else self._view_of(slot)
+
+    def page(self, index: int) -> memoryview:
+        """The page, made present (zeroed) if it was not."""
+        slot = self._slot_of(index)
+        return self._view_of(slot if slot >= 0 else self._assign(index))
+
+    def __setitem__(self, index: int, data) -> None:
+        self.page(index)[:] = data
+
+    def pop(self, index: int, default=None):
+        slot = self._slot_of(index)
+        if slot < 0:
+            return default
+        v = self._view_of(slot)
+        out = bytes(v)
+        v[:] = ZERO_PAGE
+        self._slot[index] = 0
+        self._free.append(slot)
+        self._count -= 1
+        return out
+
+    def store_run(self, first: int, pages: np.ndarray) -> None:
+        """Pages ``first .. first + len(pages) - 1`` get the rows of ``pages`` (n x 4096 uint8): pages with
+        a slot, and as many as there are free slots, one by one; the rest into fresh consecutive slots, one
+        copy per chunk."""
+        n = len(pages)
+        if self._slot is None:
+            self._slot = np.zeros(self.nr_pages, dtype=np.uint32)
+        rest = []
+        for i in range(n):
+            if self._slot[first + i] or self._free:
+                self[first + i] = pages[i]
+            else:
+                rest.append(i)
+        if not rest:
+            return
+        lo = rest[0]
+        if rest[-1] - lo != len(rest) - 1:            # pages with contents after the fresh ones: one by one
+            for i in rest:
+                self[first + i] = pages[i]
+            return
+        k = n - lo
+        s0 = self._fresh(k)
+        self._slot[first + lo:first + n] = np.arange(s0 + 1, s0 + 1 + k, dtype=np.uint32)
+        self._count += k
+        done = 0
+        while done < k:
+            slot = s0 + done
+            c, off = divmod(slot, self.CHUNK)
+            m = min(k - done, self.CHUNK - off)
+            self._chunks[c][off * PAGE_SIZE:(off + m) * PAGE_SIZE] = pages[lo + done:lo + done + m].reshape(-1)
+            done += m
+
+    def store_many(self, indices: np.ndarray, pages: list) -> None:
+        """Page ``indices[i]`` gets ``pages[i]`` (4096 bytes each); a run of new consecutive pages is one copy."""
+        n = len(pages)
+        if not n:
+            return
+        if n > 1 and len(self._free) < n and _is_run(indices):
+            self.store_run(int(indices[0]), np.frombuffer(b"".join(pages), dtype=np.uint8).reshape(n, PAGE_SIZE))
+        else:
+            for ix, page in zip(np.asarray(indices).tolist(), pages):
+                self[ix] = page
+
+    def clear_many(self, indices: np.ndarray) -> None:
+        """``pop`` of every page of ``indices`` (distinct), without the copies: the slots are zeroed (per
+        chunk, one gather) and freed in index order."""
+        if self._slot is None or not len(indices):
+            return
+        indices = np.asarray(indices, dtype=np.int64)
+        slots = self._slot[indices].astype(np.int64) - 1
+        slots = slots[slots >= 0]
+        if not len(slots):
+            return
+        for c in np.unique(slots // self.CHUNK).tolist():
+            offs = slots[slots // self.CHUNK == c] % self.CHUNK
+            self._chunks[c].reshape(self.CHUNK, PAGE_SIZE)[offs] = 0
+        self._slot[indices] = 0
+        self._free.extend(slots.tolist())
+        self._count -= len(slots)
+
+    def indices(self) -> np.ndarray:
+        return np.zeros(0, dtype=np.int64) if self._slot is None else np.flatnonzero(self._slot)
+
+    def keys(self) -> Iterator[int]:
+        return iter(self.indices().tolist())
+
+    __iter__ = keys
+
+    def items(self) -> Iterator[tuple[int, memoryview]]:
+        for i in self.indices().tolist():
+            yield i, self._view_of(int(self._slot[i]) - 1)
+
+    def __eq__(self, other) -> bool:
+        if isinstance(other, EpcStore):
+            other = {i: bytes(v) for i, v in other.items()}
+        if not isinstance(other, dict):
+            return NotImplemented
+        return {i: bytes(v) for i, v in self.items()} == {i: bytes(v) for i, v in other.items()}
+
+    __hash__ = None
 
 
 class PhysicalMemory:
@@ -42,7 +223,7 @@ class PhysicalMemory:
     def __init__(self, layout: EpcLayout) -> None:
         self.layout = layout
         self.ram: dict[int, bytearray] = {}
-        self.epc: dict[int, bytearray] = {}
+        self.epc = EpcStore(layout.nr_pages)
         #: External RAM ranges: (base, end, buffer), page aligned, outside the EPC and each other.
         self.external: list[tuple[int, int, memoryview]] = []
 
@@ -113,12 +294,9 @@ class PhysicalMemory:
         self.ram.pop(addr >> PAGE_SHIFT, None)
 
     # -- enclave view of EPC contents (used by the leaves) ------------------------------------------
-    def epc_page(self, index: int) -> bytearray:
-        """Contents of EPC page ``index`` (created zeroed on first use)."""
-        page = self.epc.get(index)
-        if page is None:
-            page = self.epc[index] = bytearray(PAGE_SIZE)
-        return page
+    def epc_page(self, index: int) -> memoryview:
+        """Contents of EPC page ``index``, writable (created zeroed on first use)."""
+        return self.epc.page(index)
 
     def epc_read(self, index: int, off: int = 0, size: int = PAGE_SIZE) -> bytes:
         page = self.epc.get(index)

@@ -72,6 +72,7 @@ def ewb_batch(lp, idx: np.ndarray, va_idx: np.ndarray, va_off: np.ndarray, out: 
     out_mv = _rows(out, out=True)
     pcmd_mv = _rows(pcmd_out, out=True)
     secinfo_cache: dict[int, bytes] = {}
+    va_views: dict = {}                                  # VA page -> its contents (a slot stays put)
     done = 0
     with proc.lock:
         idx_l = idx[:n].tolist()
@@ -86,7 +87,9 @@ def ewb_batch(lp, idx: np.ndarray, va_idx: np.ndarray, va_off: np.ndarray, out: 
             if not tracking_complete(st, st.bepoch.get(ix, st.cbepoch)):
                 break                                        # SGX_NOT_TRACKED: the per-page leaf says so
             vi, vo = va_l[i], vo_l[i]
-            slot = store.get(vi)
+            slot = va_views.get(vi)
+            if slot is None:
+                slot = va_views[vi] = store.get(vi)
             if slot is not None and slot[vo:vo + VA_SLOT_SIZE] != _ZERO_SLOT:
                 break                                        # SGX_VA_SLOT_OCCUPIED: per page
             fi = f_l[i]
@@ -99,14 +102,14 @@ def ewb_batch(lp, idx: np.ndarray, va_idx: np.ndarray, va_off: np.ndarray, out: 
             linaddr = st.base + (off_l[i] << 12)
             # mac_header(): SECINFO | EID | LINADDR | VERSION | 40 reserved bytes.
             header = secinfo + eid + linaddr.to_bytes(8, "little") + version.to_bytes(8, "little") + _ZERO40
-            page = store.pop(ix, None)                       # contents go ("Free up EPCM Entry")
+            page = store.get(ix)                             # contents go ("Free up EPCM Entry"), below
             sealed = aes.encrypt((version << 32).to_bytes(12, "little"), page if page is not None else _ZERO_PAGE,
                                  header)
             sv = memoryview(sealed)
             out_mv[i * PAGE_SIZE:(i + 1) * PAGE_SIZE] = sv[:PAGE_SIZE]
             pcmd_mv[i * PCMD_SIZE:(i + 1) * PCMD_SIZE] = secinfo + eid + _ZERO40 + sealed[PAGE_SIZE:]
             if slot is None:
-                slot = proc.memory.epc_page(vi)
+                slot = va_views[vi] = proc.memory.epc_page(vi)
             slot[vo:vo + VA_SLOT_SIZE] = version.to_bytes(VA_SLOT_SIZE, "little")
             if epochs:
                 epochs.pop(ix, None)
@@ -115,6 +118,7 @@ def ewb_batch(lp, idx: np.ndarray, va_idx: np.ndarray, va_off: np.ndarray, out: 
             done += 1
         if done:
             rows = idx[:done]
+            store.clear_many(rows)
             epcm.flags[rows] = 0
             epcm.secs[rows] = 0
             epcm.offset[rows] = 0
@@ -156,6 +160,8 @@ def eldu_batch(lp, idx: np.ndarray, secs_idx: int, linaddrs: np.ndarray, va_idx:
     eid = st.eid
     base = st.base
     flags_out: list[int] = []
+    loaded: list[bytes] = []
+    va_views: dict = {}                                  # VA page -> its contents (a slot stays put)
     done = 0
     with proc.lock:
         idx_l = idx[:n].tolist()
@@ -169,7 +175,9 @@ def eldu_batch(lp, idx: np.ndarray, secs_idx: int, linaddrs: np.ndarray, va_idx:
             if pt not in _CHILD_TYPES:
                 break                                        # SECS/VA pages: per page
             vi, vo = va_l[i], vo_l[i]
-            slot = store.get(vi)
+            slot = va_views.get(vi)
+            if slot is None:
+                slot = va_views[vi] = store.get(vi)
             version = int.from_bytes(slot[vo:vo + VA_SLOT_SIZE], "little") if slot is not None else 0
             linaddr = lin_l[i]
             # mac_header(PCMD.SECINFO, SECS.EID, LINADDR, version, PCMD.RESERVED).
@@ -180,9 +188,11 @@ def eldu_batch(lp, idx: np.ndarray, secs_idx: int, linaddrs: np.ndarray, va_idx:
                                    bytes(cont_mv[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]) + pcmd[112:128], header)
             except InvalidTag:
                 break                                        # SGX_MAC_COMPARE_FAIL: per page
-            proc.memory.epc_page(vi)[vo:vo + VA_SLOT_SIZE] = _ZERO_SLOT
+            if slot is None:
+                slot = va_views[vi] = proc.memory.epc_page(vi)
+            slot[vo:vo + VA_SLOT_SIZE] = _ZERO_SLOT
             ix = idx_l[i]
-            store[ix] = bytearray(page)
+            loaded.append(page)                              # stored below, in one copy for a run
             flags_out.append(VALID | (pt << PT_SHIFT) | ((sflags & 0x7) << RWX_SHIFT)
                              | (PENDING if sflags & _SI_PENDING else 0)
                              | (MODIFIED if sflags & _SI_MODIFIED else 0)
@@ -192,6 +202,7 @@ def eldu_batch(lp, idx: np.ndarray, secs_idx: int, linaddrs: np.ndarray, va_idx:
             done += 1
         if done:
             rows = idx[:done]
+            store.store_many(rows, loaded)
             epcm.flags[rows] = flags_out
             epcm.secs[rows] = secs_idx
             epcm.offset[rows] = (linaddrs[:done] - base) >> 12
