@@ -93,11 +93,14 @@ SCRATCH_SECS = 1 * PAGE_SIZE      # kmalloc(PAGE_SIZE) copy of the user's SECS (
 SCRATCH_SIGSTRUCT = 2 * PAGE_SIZE  # kmalloc(PAGE_SIZE): SIGSTRUCT, token at PAGE_SIZE / 2
 
 
+_SI_R, _SI_W, _SI_X, _SI_TCS = int(SecinfoFlag.R), int(SecinfoFlag.W), int(SecinfoFlag.X), int(SecinfoFlag.TCS)
+
+
 def _vm_prot_from_secinfo(secinfo_flags: int) -> int:
     """``sgx_encl_page_alloc``: the VMA protection a page allows (TCS pages are always RW)."""
-    prot = (VM_READ if secinfo_flags & SecinfoFlag.R else 0) | (VM_WRITE if secinfo_flags & SecinfoFlag.W else 0)
-    prot |= VM_EXEC if secinfo_flags & SecinfoFlag.X else 0
-    if secinfo_flags & 0xFF00 == SecinfoFlag.TCS:
+    prot = (VM_READ if secinfo_flags & _SI_R else 0) | (VM_WRITE if secinfo_flags & _SI_W else 0)
+    prot |= VM_EXEC if secinfo_flags & _SI_X else 0
+    if secinfo_flags & 0xFF00 == _SI_TCS:
         prot |= VM_READ | VM_WRITE
     return prot
 

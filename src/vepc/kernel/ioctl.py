@@ -169,13 +169,16 @@ def sgx_ioc_enclave_create(drv: "EnclaveDriver", encl: Encl, proc: Process, arg:
 
 
 # -- ADD_PAGES -----------------------------------------------------------------------------------------
+_SI_R, _SI_W = int(SecinfoFlag.R), int(SecinfoFlag.W)      # plain ints: ``int & IntFlag`` is slow
+
+
 def sgx_validate_secinfo(secinfo: Secinfo) -> int:
     """``sgx_validate_secinfo``."""
     perm = secinfo.flags & SECINFO_PERMISSION_MASK
     pt = secinfo.flags & 0xFF00
     if pt != SecinfoFlag.REG and pt != SecinfoFlag.TCS:
         return -errno.EINVAL
-    if perm & SecinfoFlag.W and not perm & SecinfoFlag.R:
+    if perm & _SI_W and not perm & _SI_R:
         return -errno.EINVAL
     # The CPU silently overwrites TCS permissions with zero: validate them here.
     if pt == SecinfoFlag.TCS and perm:

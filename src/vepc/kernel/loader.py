@@ -147,9 +147,12 @@ def _read(src: str | Path | bytes, what: str) -> tuple[bytes, str]:
 
 def _prot_of(flags: int) -> int:
     """mmap protection for a page (TCS pages are mapped RW, see sgx_encl_page_alloc)."""
-    if flags & 0xFF00 == SecinfoFlag.TCS:
+    if flags & 0xFF00 == _SI_TCS:
         return PROT_READ | PROT_WRITE
-    return (PROT_READ if flags & SecinfoFlag.R else 0) | (PROT_WRITE if flags & SecinfoFlag.W else 0)
+    return (PROT_READ if flags & _SI_R else 0) | (PROT_WRITE if flags & _SI_W else 0)
+
+
+_SI_R, _SI_W, _SI_TCS = int(SecinfoFlag.R), int(SecinfoFlag.W), int(SecinfoFlag.TCS)
 
 
 def load_enclave(kernel: "Kernel", proc: "Process", sgxs_path_or_image: "str | Path | bytes | SgxsImage",

@@ -34,6 +34,10 @@ DEFAULT_FEATURE_CONTROL = int(FeatureControl.LOCKED | FeatureControl.VMX_OUTSIDE
                               FeatureControl.SGX_ENABLED | FeatureControl.SGX_LC_ENABLED)
 
 
+#: FEATURE_CONTROL bits ENCLS needs: SGX enabled, and the MSR locked.
+_SGX_ON = int(FeatureControl.SGX_ENABLED | FeatureControl.LOCKED)
+
+
 @dataclass(frozen=True)
 class ProcessorConfig:
     """What the processor supports; CPUID leaves 1, 7, 0xD and 0x12 are generated from it.
@@ -147,9 +151,9 @@ class Processor:
         return self.config.flc and (not fc & FeatureControl.LOCKED or bool(fc & FeatureControl.SGX_LC_ENABLED))
 
     def sgx_enabled(self) -> bool:
-        """ENCLS works only once firmware enabled SGX and locked FEATURE_CONTROL (SDM ENCLS #UD)."""
-        fc = self.feature_control
-        return self.config.sgx1 and bool(fc & FeatureControl.SGX_ENABLED) and bool(fc & FeatureControl.LOCKED)
+        """ENCLS works only once firmware enabled SGX and locked FEATURE_CONTROL (SDM ENCLS #UD). (Plain
+        ints: an ``int & IntFlag`` builds a flag object, and this runs on every ENCLS.)"""
+        return self.config.sgx1 and self.feature_control & _SGX_ON == _SGX_ON
 
     def write_feature_control(self, value: int) -> None:
         if self.feature_control & FeatureControl.LOCKED:
