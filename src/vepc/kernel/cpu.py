@@ -112,7 +112,7 @@ class HostCpu:
 
         if page_addr & (PAGE_SIZE - 1):
             return False
-        idx = int(self.processor.epc_indices(np.array([page_addr]))[0])
+        idx = self.processor.layout.index_of(page_addr)
         return idx >= 0 and eextend_page(self.lp, idx, secs_addr)
 
     def eremove_batch(self, addrs: np.ndarray, stop_unless: tuple[int, ...] | None = None) -> np.ndarray:
