@@ -90,7 +90,7 @@ class PageArray:
             self._grow(top)
         if run is not None:
             seg = self._a[run[0]:run[1]]
-            self._n += n - int(np.count_nonzero(seg))
+            self._n += n - (int(np.count_nonzero(seg)) if self._n else 0)      # empty: nothing to count
             np.add(pages, 1, out=seg, casting="unsafe")
             return
         idx = np.asarray(indices, dtype=np.int64)

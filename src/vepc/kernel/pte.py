@@ -140,7 +140,8 @@ class PteTable:
         a = self._arr()
         i = vpn - self.base
         seg = a[i:i + len(pfns)]
-        self._count += len(pfns) - int(np.count_nonzero(seg))
+        # an empty table has nothing to overwrite: no pass over the range to count present entries
+        self._count += len(pfns) - (int(np.count_nonzero(seg)) if self._count else 0)
         np.add(pfns, 1, out=seg, casting="unsafe")
 
     def present_vpns(self, lo: int | None = None, hi: int | None = None) -> np.ndarray:
