@@ -18,7 +18,7 @@ from typing import Protocol
 
 import numpy as np
 
-from vepc.arch.constants import PAGE_SIZE
+from vepc.arch.constants import PAGE_SIZE, Leaf
 from vepc.silicon.processor import Processor
 
 __all__ = ["KernelCpu", "HostCpu", "eextend_page", "eremove_batch", "EMPTY_RESULTS"]
@@ -106,11 +106,45 @@ class HostCpu:
                 kicked += 1
         return kicked
 
+    def _leaves_are_silicon(self, *leaves) -> bool:
+        """The batch leaves may stand in for the table's leaves only while those are the silicon's own (a
+        test or the fuzzer may have wrapped one to inject a fault) and ENCLS is not traced leaf by leaf."""
+        from vepc.silicon.leaves import build
+
+        own = {Leaf.EADD: build.eadd, Leaf.EEXTEND: build.eextend}
+        table = self.processor.leaves
+        return not self.processor.trace_encls and all(table.get(leaf) is own[leaf] for leaf in leaves)
+
+    def eadd_pages_ready(self) -> bool:
+        """Whether :meth:`eadd_pages` can run now (asked before the kernel commits to a batch)."""
+        return self._leaves_are_silicon(Leaf.EADD, Leaf.EEXTEND) and self.processor.sgx_enabled() \
+            and self.lp.inside is None
+
+    def eadd_pages(self, secs_addr: int, page_addrs: list[int], linaddrs: list[int], secinfo_flags: int,
+                   contents: bytes, measure: bool, rbx_after: int = 0) -> int:
+        """EADD (and, with ``measure``, the 16 EEXTENDs) of many PT_REG pages in order through
+        :func:`vepc.silicon.leaves.build_batch.eadd_batch`: how many leading pages were added (0 when the
+        batch cannot stand in for the leaves). RBX ends as ``rbx_after`` (what the last leaf got)."""
+        from vepc.silicon.leaves.build_batch import eadd_batch
+
+        if not self._leaves_are_silicon(Leaf.EADD, Leaf.EEXTEND):
+            return 0
+        proc = self.processor
+        secs_idx = proc.layout.index_of(secs_addr)
+        idx = proc.epc_indices(np.asarray(page_addrs, dtype=np.int64))
+        if secs_idx < 0 or secs_idx not in proc.enclaves or (idx < 0).any():
+            return 0
+        offsets = np.asarray(linaddrs, dtype=np.int64) - proc.enclaves[secs_idx].base
+        done = eadd_batch(self.lp, secs_idx, idx, offsets, secinfo_flags, contents, measure=measure)
+        if done:
+            self.lp.rbx = rbx_after
+        return done
+
     def eextend_page(self, secs_addr: int, page_addr: int) -> bool:
         """EEXTEND of the 16 chunks of the EPC page at host-physical ``page_addr`` (see :func:`eextend_page`)."""
         from vepc.silicon.leaves.build_batch import eextend_page
 
-        if page_addr & (PAGE_SIZE - 1):
+        if page_addr & (PAGE_SIZE - 1) or not self._leaves_are_silicon(Leaf.EEXTEND):
             return False
         idx = self.processor.layout.index_of(page_addr)
         return idx >= 0 and eextend_page(self.lp, idx, secs_addr)

@@ -23,14 +23,14 @@ from typing import TYPE_CHECKING
 from vepc.arch.constants import (
     PAGE_SHIFT, PAGE_SIZE, SECINFO_PERMISSION_MASK, SGX_ATTR_UNPRIV_MASK, SGX_EEXTEND_BLOCK_SIZE,
     SGX_LAUNCH_TOKEN_SIZE, SGX_MODULUS_SIZE, SIGSTRUCT_VENDOR_INTEL, X86_TRAP_PF, Attribute, Msr, PageType,
-    SecinfoFlag, SgxReturn, encls_failed, encls_faulted, encls_trapnr,
+    SGX_NR_LOW_PAGES, SGX_VA_SLOT_COUNT, SecinfoFlag, SgxReturn, encls_failed, encls_faulted, encls_trapnr,
 )
 from vepc.arch.structs import SECINFO_SIZE, SECS_SIZE, SIGSTRUCT_SIZE, Secinfo, Secs, Sigstruct
 from vepc.events import EventKind
 from vepc.kernel import encls
 from vepc.kernel.encl import (
     PAGE_MASK, SCRATCH_SECS, SCRATCH_SIGSTRUCT, SGX_ENCL_CREATED, SGX_ENCL_DEBUG, SGX_ENCL_INITIALIZED,
-    SGX_ENCL_IOCTL, Backing, Encl, EnclPage,
+    SGX_ENCL_IOCTL, Backing, Encl, EnclPage, VaPage,
 )
 from vepc.kernel.cpu import eextend_page
 from vepc.kernel.epc_pool import ERESTARTSYS, batch_enabled
@@ -39,7 +39,7 @@ from vepc.kernel.ioctl_numbers import (
     SGX_IOC_ENCLAVE_PROVISION, SGX_IOC_ENCLAVE_REMOVE_PAGES, SGX_IOC_ENCLAVE_RESTRICT_PERMISSIONS,
     SGX_PAGE_MEASURE,
 )
-from vepc.kernel.mm import VM_IO, VM_PFNMAP, VM_READ, VM_WRITE, File, Process
+from vepc.kernel.mm import VM_IO, VM_PFNMAP, VM_READ, VM_WRITE, File, KernelError, Process
 from vepc.kernel.provision import sgx_set_attribute
 
 if TYPE_CHECKING:
@@ -169,7 +169,7 @@ def sgx_ioc_enclave_create(drv: "EnclaveDriver", encl: Encl, proc: Process, arg:
 
 
 # -- ADD_PAGES -----------------------------------------------------------------------------------------
-_SI_R, _SI_W = int(SecinfoFlag.R), int(SecinfoFlag.W)      # plain ints: ``int & IntFlag`` is slow
+_SI_R, _SI_W, _SI_REG = int(SecinfoFlag.R), int(SecinfoFlag.W), int(SecinfoFlag.REG)   # plain ints: fast ``&``
 
 
 def sgx_validate_secinfo(secinfo: Secinfo) -> int:
@@ -265,6 +265,82 @@ def sgx_encl_add_page(drv: "EnclaveDriver", encl: Encl, src: int, offset: int, s
     return ret
 
 
+#: Pages per batch of ADD_PAGES (bounds the source copy).
+ADD_PAGES_BATCH = 256
+
+
+def _add_pages_batch(drv: "EnclaveDriver", encl: Encl, proc: Process, src: int, offset: int, npages: int,
+                     secinfo: Secinfo, flags: int) -> int:
+    """``sgx_encl_add_page`` for up to :data:`ADD_PAGES_BATCH` consecutive PT_REG pages at once, for the
+    pages that would simply succeed one by one: returns how many were added (0: go page by page).
+
+    It runs only when nothing can differ from the loop: the xarray slots are free, every source page is
+    mapped readable (``get_user_page``, in order), the pool holds the pages and VA pages the batch takes
+    while staying at or above SGX_NR_LOW_PAGES (so no allocation reclaims or wakes ksgxd), and the CPU
+    offers ``eadd_pages`` and is ready for it (the host LP, without ENCLS tracing or a replaced leaf). Then, in the loop's
+    order: EPC page, VA page every SGX_VA_SLOT_COUNT pages (``sgx_encl_grow``, EPA), xa_insert, EADD and
+    EEXTEND (one silicon batch), child count, ``sgx_mark_page_reclaimable``, ENCL_ADD. The kernel's
+    scratch PAGEINFO/SECINFO and RBX end as the last page's leaves leave them."""
+    cpu = drv.cpu
+    ready = getattr(cpu, "eadd_pages_ready", None)
+    if ready is None or secinfo.flags & 0xFF00 != _SI_REG or not proc.alive or not ready():
+        return 0
+    n = min(npages, ADD_PAGES_BATCH)
+    base_index = (encl.base + offset) >> PAGE_SHIFT
+    if any(base_index + j in encl.page_array for j in range(n)):
+        return 0
+    phys = []
+    for j in range(n):                                 # get_user_page per page, in order (may fault RAM in)
+        pa = get_user_page(proc, src + (j << PAGE_SHIFT))
+        if pa < 0:
+            break
+        phys.append(pa)
+    n = len(phys)
+    va_at = [j for j in range(n) if (encl.page_cnt + j) % SGX_VA_SLOT_COUNT == 0]
+    if n < 2 or drv.pool.nr_free - (n + len(va_at)) < SGX_NR_LOW_PAGES:
+        return 0
+    contents = b"".join(drv.kernel.read_phys(pa, PAGE_SIZE) for pa in phys)
+    # Allocation in the loop's order: each page's EPC page, then (every 512th) its VA page.
+    node = drv.current_node()
+    epc: list[int] = []
+    start = 0
+    for j in va_at + [n]:
+        if j >= start:
+            epc.extend(drv.pool.alloc_batch(encl, j + 1 - start if j < n else n - start, node=node).tolist())
+            start = j + 1
+        if j < n:
+            va = drv.alloc_va_page(encl, True)
+            if va < 0:
+                raise KernelError(f"ADD_PAGES batch: a VA page failed with {va} although the pool had room")
+            encl.va_pages.insert(0, VaPage(va))
+    pages = []
+    for j in range(n):
+        encl_page = drv.page_alloc(encl, offset + (j << PAGE_SHIFT), secinfo.flags)
+        drv.owner_of[epc[j]] = encl_page
+        encl.page_array[base_index + j] = encl_page
+        pages.append(encl_page)
+    encl.page_cnt += n
+    secs_addr = drv.epc_addr(encl.secs.epc_page)
+    measure = bool(flags & SGX_PAGE_MEASURE)
+    si = drv.ops(0x80)
+    drv.kernel.write_phys(si, secinfo.pack())
+    last = pages[-1]
+    pi = drv.write_pageinfo(last.desc & PAGE_MASK, phys[-1], si, secs_addr)
+    done = cpu.eadd_pages(secs_addr, [drv.epc_addr(p) for p in epc], [p.desc & PAGE_MASK for p in pages],
+                          secinfo.flags, contents, measure, rbx_after=secs_addr if measure else pi)
+    if done != n:
+        raise KernelError(f"ADD_PAGES batch: EADD stopped at page {done} of {n} after its checks passed")
+    ptype = (secinfo.flags & 0xFF00) >> 8
+    for j, encl_page in enumerate(pages):
+        encl_page.epc_page = epc[j]
+        encl_page.type = ptype
+        drv.mark_reclaimable(epc[j])
+        drv.events.emit(EventKind.ENCL_ADD, owner=encl.owner_id, page=epc[j], arg=offset + (j << PAGE_SHIFT),
+                        arg2=int(measure))
+    encl.secs_child_cnt += n
+    return n
+
+
 def sgx_validate_offset_length(encl: Encl, offset: int, length: int) -> int:
     """``sgx_validate_offset_length`` (u64 arithmetic)."""
     mask = (1 << 64) - 1
@@ -303,6 +379,12 @@ def sgx_ioc_enclave_add_pages(drv: "EnclaveDriver", encl: Encl, proc: Process, a
             if not c:
                 ret = -ERESTARTSYS
             break
+        if batch_enabled(drv.kernel, (length - c) >> PAGE_SHIFT):
+            with encl.lock:
+                k = _add_pages_batch(drv, encl, proc, src + c, offset + c, (length - c) >> PAGE_SHIFT, secinfo, flags)
+            if k:
+                c += k << PAGE_SHIFT
+                continue
         ret = sgx_encl_add_page(drv, encl, src + c, offset + c, secinfo, flags, proc)
         if ret:
             break
