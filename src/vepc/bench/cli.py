@@ -62,7 +62,7 @@ def format_table(figures) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print {\"figures\": [...]} as JSON.")
 @click.option("--quick", is_flag=True, help="Small sizes (seconds, for CI) instead of the issue's sizes.")
 @click.option("--repeat", type=click.IntRange(1, 99), default=None,
-              help="Measurements per figure (default: 5, or 1 with --quick); medians are reported.")
+              help="Measurements per figure (default: 5, or 3 with --quick); medians are reported.")
 @click.option("--markdown", "markdown", is_flag=True,
               help="Print docs/performance.md for this run (the doc is generated this way, never edited).")
 @click.option("--from-json", "from_json", type=click.Path(exists=True, dir_okay=False), default=None,
@@ -120,7 +120,7 @@ def _add_real_kvm(result: dict, quick: bool, repeat: int | None, progress) -> No
     from vepc.realkvm.bench import run_bench as real_kvm_bench
 
     progress("real_kvm_guest_faults")
-    rows = real_kvm_bench(1024 if quick else 4096, repeat or (1 if quick else 5))
+    rows = real_kvm_bench(2048 if quick else 4096, repeat or (3 if quick else 5))
     # The anonymous memslot is the limit itself and the two references bound the design: details of the
     # one-page figure, not figures (they have no goal).
     refs = {d["name"]: d["value"] for d in rows if d["goal"] is None}

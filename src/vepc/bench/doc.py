@@ -47,7 +47,7 @@ def run_facts(quick: bool, repeats: int | None) -> dict:
                                 cwd=Path(__file__).resolve().parent, timeout=10).stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         commit = "unknown"
-    return {"mode": "quick" if quick else "full", "repeats": repeats or (1 if quick else 5),
+    return {"mode": "quick" if quick else "full", "repeats": repeats or (3 if quick else 5),
             "cores": os.cpu_count(), "memory_gib": round(mem, 1), "python": platform.python_version(),
             "date": date.today().isoformat(), "commit": commit}
 
