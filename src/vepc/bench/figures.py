@@ -175,7 +175,7 @@ def _interleaved(value: Callable[[], float], limit: Callable[[], float], repeats
 
 #: What each limit is, in one line (``limit_what`` of the figures; docs/performance.md says more).
 ANON_FAULT = "the kernel's anonymous page fault: one byte written per page of a fresh mmap (numpy strided write)"
-ROWS = ("numpy writing the rows population writes (page array 4 B, PTE 8 B, owner 4 B, flags 1 B) into fresh "
+ROWS = ("numpy writing the rows population writes (page array 4 B, PTE 4 B, owner 4 B, flags 1 B) into fresh "
         "arrays: memory bandwidth")
 POPULATE = "the kernel populating a fresh anonymous mmap of the same size (madvise MADV_POPULATE_WRITE)"
 SHA_STREAM = ("hashlib SHA-256 over the byte stream MRENCLAVE absorbs for the same pages (EADD block + 16 x "
@@ -200,11 +200,11 @@ def anon_fault_rate(pages: int) -> float:
 
 def metadata_rows_rate(pages: int) -> float:
     """numpy writing, into fresh arrays, the rows a page's population or release writes: page array
-    (4 B), PTE (8 B), owner (4 B) and flags (1 B). Memory bandwidth, page faults of fresh memory included."""
+    (4 B), PTE (4 B), owner (4 B) and flags (1 B). Memory bandwidth, page faults of fresh memory included."""
     src = np.arange(pages, dtype=np.uint32)
     t = time.perf_counter()
     pa = np.zeros(pages, dtype=np.uint32)
-    pte = np.zeros(pages, dtype=np.uint64)
+    pte = np.zeros(pages, dtype=np.uint32)
     owner = np.zeros(pages, dtype=np.uint32)
     flags = np.zeros(pages, dtype=np.uint8)
     pa[:] = src

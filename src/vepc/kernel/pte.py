@@ -1,6 +1,8 @@
-"""Page-table entries of one VMA: virtual page number → physical frame, 8 bytes per page as hardware
-PTEs are, in a numpy array the size of the VMA (zero-filled lazily by the OS, so untouched ranges cost
-no memory).
+"""Page-table entries of one VMA (or one memslot's EPT): virtual page number → physical frame, in a
+numpy array the size of the range (zero-filled lazily by the OS, so untouched ranges cost no memory).
+An entry is the frame + 1 in 4 bytes (0: not present): hardware PTEs take 8, but the model's frames are
+below 2^32 - 1 (physical addresses below 16 TiB), and 4 bytes per page of every mapping and EPT is the
+difference that matters at scale ([Bench honesty] bytes per EPC page). A frame that does not fit raises.
 
 >>> t = PteTable(base_vpn=0x10, nr_pages=4)
 >>> t[0x11] = 0x500; 0x11 in t, t.get(0x12), t.present_vpns().tolist()
@@ -15,7 +17,15 @@ from typing import Iterator
 
 import numpy as np
 
-__all__ = ["PteTable", "as_run"]
+__all__ = ["PteTable", "as_run", "MAX_PFN"]
+
+#: The largest frame an entry holds (frame + 1 must fit in uint32).
+MAX_PFN = (1 << 32) - 2
+
+
+def _check_pfns(pfns: np.ndarray) -> None:
+    if len(pfns) and int(np.max(pfns)) > MAX_PFN:
+        raise OverflowError(f"frame {int(np.max(pfns)):#x} beyond the page table's {MAX_PFN:#x}")
 
 
 def as_run(idx) -> tuple[int, int] | None:
@@ -50,7 +60,7 @@ class PteTable:
 
     def _arr(self) -> np.ndarray:
         if self._a is None:
-            self._a = np.zeros(self.n, dtype=np.uint64)
+            self._a = np.zeros(self.n, dtype=np.uint32)
         return self._a
 
     def __contains__(self, vpn: int) -> bool:
@@ -132,13 +142,16 @@ class PteTable:
             return
         a = self._arr()
         i = np.asarray(vpns, dtype=np.int64) - self.base
+        pfns = np.asarray(pfns, dtype=np.int64)
+        _check_pfns(pfns)
         self._count += int(np.count_nonzero(a[i] == 0))
-        a[i] = np.asarray(pfns, dtype=np.int64).astype(np.uint64) + 1
+        a[i] = (pfns + 1).astype(np.uint32)
 
     def set_range(self, vpn: int, pfns: np.ndarray) -> None:
         """Install PTEs for consecutive pages starting at ``vpn`` (batch path)."""
         a = self._arr()
         i = vpn - self.base
+        _check_pfns(pfns)
         seg = a[i:i + len(pfns)]
         # an empty table has nothing to overwrite: no pass over the range to count present entries
         self._count += len(pfns) - (int(np.count_nonzero(seg)) if self._count else 0)
