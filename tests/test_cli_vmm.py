@@ -69,3 +69,16 @@ def test_qemu_prealloc_beyond_the_host_fails_with_qemus_message():
 def test_qemu_bad_host_epc_is_one_line_exit_2():
     r = vepc("qemu", "--host-epc", "64Q@0", "--", *ARGS)
     assert r.returncode == 2 and r.stderr.startswith("vepc: --host-epc:") and "Traceback" not in r.stderr
+
+
+def test_a_bad_host_kernel_is_one_line_naming_host_kernel():
+    r = vepc("qemu", "--host-kernel", "rfc-v3", "--", *ARGS)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.strip() == ("vepc: --host-kernel: invalid kernel version 'rfc-v3' (expected MAJOR.MINOR, "
+                                "e.g. 6.8 or 5.15, or a profile: rfc-v2)")
+
+
+def test_the_seed_profile_host_serves_qemu_through_sgx_virt_epc():
+    r = vepc("qemu", "--host-kernel", "rfc-v2", "--host-epc", "128M@0", "--", *ARGS)
+    assert r.returncode == 0, r.stderr
+    assert "sgx: EPC section 0x100000000-0x103ffffff" in r.stdout

@@ -31,6 +31,21 @@ def _fail(message: str) -> None:
     sys.exit(2)
 
 
+def _build_host(host_epc: str, host_kernel: str):
+    """The model host of ``--host-epc`` / ``--host-kernel``; a bad value is one line naming its option."""
+    from vepc.kernel.kernel import SgxUnavailable, parse_version
+    from vepc.machine import Machine
+
+    try:
+        parse_version(host_kernel)
+    except ValueError as e:
+        _fail(f"--host-kernel: {e}")
+    try:
+        return Machine.build(epc=[s for s in host_epc.split(",") if s], kernel_version=host_kernel)
+    except (ValueError, SgxUnavailable) as e:
+        _fail(f"--host-epc: {e}")
+
+
 def _print_guest_and_host(host, vm, leaves: dict) -> None:
     """The guest's CPUID 0x12 rows and SGX dmesg lines, then the host's EPC use."""
     from vepc.vmm.cpuid import cpuid_rows
@@ -114,15 +129,9 @@ def register(cli: click.Group) -> None:
             -object memory-backend-epc,id=m0,size=32M,prealloc=on \\
             -M sgx-epc.0.memdev=m0,sgx-epc.0.node=0
         """
-        from vepc.kernel.kernel import SgxUnavailable
-        from vepc.machine import Machine
-
         if not qemu_args:
             _fail("qemu: no QEMU options given (put them after --)")
-        try:
-            host = Machine.build(epc=[s for s in host_epc.split(",") if s], kernel_version=host_kernel)
-        except (ValueError, SgxUnavailable) as e:
-            _fail(f"--host-epc: {e}")
+        host = _build_host(host_epc, host_kernel)
         try:
             QemuVersion.parse(qemu_version)
         except ValueError as e:
@@ -145,17 +154,12 @@ def register(cli: click.Group) -> None:
           vepc cloud-hypervisor -- --cpus boot=1 --memory size=512M \\
             --sgx-epc id=epc0,size=64M,prefault=on
         """
-        from vepc.kernel.kernel import SgxUnavailable
-        from vepc.machine import Machine
         from vepc.vmm.cloud_hypervisor import CloudHypervisorVm
         from vepc.vmm.errors import QemuError
 
         if not ch_args:
             _fail("cloud-hypervisor: no Cloud Hypervisor options given (put them after --)")
-        try:
-            host = Machine.build(epc=[s for s in host_epc.split(",") if s], kernel_version=host_kernel)
-        except (ValueError, SgxUnavailable) as e:
-            _fail(f"--host-epc: {e}")
+        host = _build_host(host_epc, host_kernel)
         try:
             vm = CloudHypervisorVm(host, list(ch_args)).start()
         except QemuError as e:
@@ -196,8 +200,6 @@ def register(cli: click.Group) -> None:
         """
         import shlex
 
-        from vepc.kernel.kernel import SgxUnavailable
-        from vepc.machine import Machine
         from vepc.vmm.libvirt import LibvirtError, domain_to_qemu_argv
 
         try:
@@ -226,9 +228,6 @@ def register(cli: click.Group) -> None:
                     i += 1
             click.echo(" \\\n".join(lines))
             return
-        try:
-            host = Machine.build(epc=[s for s in host_epc.split(",") if s], kernel_version=host_kernel)
-        except (ValueError, SgxUnavailable) as e:
-            _fail(f"--host-epc: {e}")
+        host = _build_host(host_epc, host_kernel)
         _boot_qemu(host, argv, qemu_version=qemu_version, as_json=as_json, frontend="libvirt")
 
