@@ -20,6 +20,32 @@ def check(m: Machine, idle: bool = False) -> None:
     assert_ok(m.kernel, m.processor, idle=idle)
 
 
+MB = 1 << 20
+
+
+def open_vepc(m: Machine, name: str = "qemu"):
+    """A new process with the host's virtual EPC device open (/dev/sgx_vepc, or the seed's
+    /dev/sgx_virt_epc on the ``rfc-v2`` profile): ``(process, fd)``."""
+    proc = m.kernel.spawn(name)
+    return proc, proc.open(m.kernel.vepc_device)
+
+
+def secs_in_a_child_in_b(m: Machine):
+    """What a guest can do: SECS in vepc A's first page, its child in vepc B's first page.
+    Returns ``(proc, fa, fb, a, b, secs, child)``."""
+    proc = m.kernel.spawn("qemu")
+    fa, fb = proc.open(m.kernel.vepc_device), proc.open(m.kernel.vepc_device)
+    a, b = proc.mmap(MB, fd=fa), proc.mmap(MB, fd=fb)
+    proc.touch(a)
+    proc.touch(b)
+    secs = proc.file(fa).private_data.page_array.load(0)
+    child = proc.file(fb).private_data.page_array.load(0)
+    g = GuestEncls(m)
+    assert g.ecreate(secs) == 0
+    assert g.eadd(child, secs, 0) == 0
+    return proc, fa, fb, a, b, secs, child
+
+
 def vepc_page(m: Machine, fd_owner_proc, fd: int, index: int) -> int:
     """EPC page number held at ``index`` of the vepc behind ``fd``."""
     vepc = fd_owner_proc.file(fd).private_data

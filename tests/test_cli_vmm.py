@@ -3,16 +3,11 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
+
+from cliutil import vepc
 
 ARGS = ["-m", "2G", "-accel", "kvm", "-cpu", "host", "-object", "memory-backend-epc,id=m0,size=64M,prealloc=on",
         "-M", "sgx-epc.0.memdev=m0,sgx-epc.0.node=0"]
-
-
-def vepc(*args):
-    return subprocess.run([sys.executable, "-c", "from vepc.cli import main; main()", *args],
-                          capture_output=True, text=True, timeout=120)
 
 
 def test_qemu_prints_info_sgx_and_the_guest_cpuid():

@@ -7,18 +7,17 @@ from __future__ import annotations
 
 import errno
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from vepc.formats import sign
 from vepc.kernel.loader import EnclaveIoctlError, load_enclave
 from vepc.machine import Machine
 from vepc.scenario import Scenario
 from vepc.scenario.runner import ScenarioRunner
-from vepc.scenario.synthetic import synthetic_enclave, throwaway_key
+from vepc.scenario.synthetic import synthetic_enclave
+
+from cliutil import vepc
 
 VECTORS = Path(__file__).resolve().parents[2] / "shared" / "vectors"
 VM = ("-m 1G -accel kvm -cpu host -object memory-backend-epc,id=m0,size=4M,prealloc=on "
@@ -97,13 +96,12 @@ def test_scenario_report_names_the_sgx_code_on_the_host_and_in_a_guest(tmp_path,
 
 @pytest.mark.skipif(not (VECTORS / "sig1.sigstruct.bin").exists(), reason=f"test vectors not found at {VECTORS}")
 def test_cli_wrong_sigstruct_prints_sgx_invalid_measurement_and_exits_2():
-    cmd = [sys.executable, "-c", "from vepc.cli import main; main()", "enclave", "load",
-           str(VECTORS / "test_enclave.sgxs"), "--sig", str(VECTORS / "sig1.sigstruct.bin")]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    cmd = ["enclave", "load", VECTORS / "test_enclave.sgxs", "--sig", VECTORS / "sig1.sigstruct.bin"]
+    r = vepc(*cmd)
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.strip() == (f"vepc: {VECTORS / 'sig1.sigstruct.bin'}: EINIT rejected the SIGSTRUCT for this "
                                 "image (SGX_IOC_ENCLAVE_INIT): EINIT returned SGX_INVALID_MEASUREMENT (EPERM)")
-    r = subprocess.run(cmd + ["--json"], capture_output=True, text=True, timeout=120)
+    r = vepc(*cmd, "--json")
     out = json.loads(r.stdout)
     assert r.returncode == 2 and out["ok"] is False
     assert (out["errno"], out["leaf"], out["sgx_code"]) == ("EPERM", "EINIT", "SGX_INVALID_MEASUREMENT")

@@ -23,7 +23,7 @@ from vepc.kernel.cpu import HostCpu
 from vepc.silicon import Processor, ProcessorConfig
 from vepc.vmm.qemu import QemuVm
 
-from kernelutil import GuestEncls, check, host
+from kernelutil import GuestEncls, check, host, open_vepc, secs_in_a_child_in_b
 
 MB = 1 << 20
 SEED = "rfc-v2"
@@ -33,11 +33,6 @@ EPC_VM = ("-m 1G -accel kvm -cpu host -object memory-backend-epc,id=m0,size=2M,p
 
 def seed(**kw):
     return host(kernel_version=SEED, **kw)
-
-
-def open_virt_epc(m, name="qemu"):
-    proc = m.kernel.spawn(name)
-    return proc, proc.open("/dev/sgx_virt_epc")
 
 
 # -- misc device, init --------------------------------------------------------------------------------------
@@ -84,7 +79,7 @@ def test_init_without_kvm_intel_is_enodev():
 def test_fops_have_open_release_mmap_only_so_any_ioctl_is_enotty():
     # static const struct file_operations sgx_virt_epc_fops = { .open, .release, .mmap } -- no ioctl
     m = seed()
-    proc, fd = open_virt_epc(m)
+    proc, fd = open_vepc(m)
     for cmd, arg in ((SGX_IOC_VEPC_REMOVE_ALL, 0), (SGX_IOC_VEPC_REMOVE_ALL, 1), (0xA405, 0)):
         with pytest.raises(OSError) as e:
             proc.ioctl(fd, cmd, arg)
@@ -96,7 +91,7 @@ def test_fops_have_open_release_mmap_only_so_any_ioctl_is_enotty():
 def test_mmap_without_vm_shared_is_einval():
     # sgx_virt_epc_mmap: if (!(vma->vm_flags & VM_SHARED)) return -EINVAL;
     m = seed()
-    proc, fd = open_virt_epc(m)
+    proc, fd = open_vepc(m)
     with pytest.raises(OSError) as e:
         proc.mmap(MB, flags=MAP_PRIVATE, fd=fd)
     assert e.value.errno == errno.EINVAL
@@ -106,7 +101,7 @@ def test_mmap_sets_pfnmap_io_dontdump_dontcopy_and_allocates_nothing():
     # vma->vm_flags |= VM_PFNMAP | VM_IO | VM_DONTDUMP | VM_DONTCOPY;  /* Don't copy VMA in fork() */
     m = seed()
     free = m.kernel.pool.nr_free
-    proc, fd = open_virt_epc(m)
+    proc, fd = open_vepc(m)
     vma = proc.find_vma(proc.mmap(8 * MB, fd=fd))            # no size check: twice the host's EPC
     want = VM_PFNMAP | VM_IO | VM_DONTDUMP | VM_DONTCOPY
     assert vma.flags & want == want and m.kernel.pool.nr_free == free
@@ -117,7 +112,7 @@ def test_mmap_sets_pfnmap_io_dontdump_dontcopy_and_allocates_nothing():
 def test_fault_index_is_vm_pgoff_plus_pfn_down_of_the_offset():
     # index = vma->vm_pgoff + PFN_DOWN(addr - vma->vm_start);
     m = seed()
-    proc, fd = open_virt_epc(m)
+    proc, fd = open_vepc(m)
     addr = proc.mmap(MB, fd=fd, offset=3 << 12)
     assert proc.touch(addr + (2 << 12) + 99)
     assert [i for i, _ in proc.file(fd).private_data.page_array.items()] == [5]
@@ -127,7 +122,7 @@ def test_fault_index_is_vm_pgoff_plus_pfn_down_of_the_offset():
 def test_fault_on_a_populated_index_returns_0_without_allocating():
     # epc_page = xa_load(&vepc->page_array, index); if (epc_page) return 0;
     m = seed()
-    proc, fd = open_virt_epc(m)
+    proc, fd = open_vepc(m)
     addr = proc.mmap(MB, fd=fd)
     proc.touch(addr)
     free = m.kernel.pool.nr_free
@@ -143,7 +138,7 @@ def test_fault_on_a_populated_index_returns_0_without_allocating():
 def test_fault_without_the_vepc_lock_warns_every_time():
     # WARN_ON(!mutex_is_locked(&vepc->lock));
     m = seed()
-    proc, fd = open_virt_epc(m)
+    proc, fd = open_vepc(m)
     addr = proc.mmap(MB, fd=fd)
     vepc, vma = proc.file(fd).private_data, proc.find_vma(addr)
     for i in range(2):
@@ -154,7 +149,7 @@ def test_fault_without_the_vepc_lock_warns_every_time():
 def test_fault_allocates_with_the_vepc_as_owner_and_no_reclaim():
     # epc_page = sgx_alloc_epc_page(vepc, false);  -- an exhausted pool is -ENOMEM -> VM_FAULT_SIGBUS
     m = seed(epc=("1M@0",))
-    proc, fd = open_virt_epc(m)
+    proc, fd = open_vepc(m)
     addr = proc.mmap(2 * MB, fd=fd)
     assert proc.touch(addr, MB)
     vepc = proc.file(fd).private_data
@@ -164,14 +159,18 @@ def test_fault_allocates_with_the_vepc_as_owner_and_no_reclaim():
     check(m, idle=True)
 
 
+def _mapped(kernel: str):
+    """A host on ``kernel``, its free page count, and a process with 1 MiB of its vepc device mapped."""
+    m = host(kernel_version=kernel)
+    free = m.kernel.pool.nr_free
+    proc, fd = open_vepc(m)
+    return m, free, proc, fd, proc.mmap(MB, fd=fd)
+
+
 @pytest.mark.parametrize("kernel", [SEED, "6.8"])
 def test_xa_store_failure_frees_the_page_leaves_the_index_empty_and_sigbus(kernel):
     # ret = xa_err(xa_store(...)); if (ret) goto err_free;  err_free: sgx_free_epc_page(epc_page); return ret;
-    m = host(kernel_version=kernel)
-    free = m.kernel.pool.nr_free
-    proc = m.kernel.spawn("qemu")
-    fd = proc.open(m.kernel.vepc_device)
-    addr = proc.mmap(MB, fd=fd)
+    m, free, proc, fd, addr = _mapped(kernel)
     caught = []
     proc.sigaction(signal.SIGBUS, lambda sig, a: caught.append(a))
     before = m.events.totals()
@@ -192,11 +191,7 @@ def test_xa_store_failure_frees_the_page_leaves_the_index_empty_and_sigbus(kerne
 def test_vmf_insert_pfn_failure_erases_the_index_frees_the_page_and_sigbus(kernel):
     # ret = vmf_insert_pfn(vma, addr, pfn); if (ret != VM_FAULT_NOPAGE) { ret = -EFAULT; goto err_delete; }
     # err_delete: xa_erase(&vepc->page_array, index); err_free: sgx_free_epc_page(epc_page);
-    m = host(kernel_version=kernel)
-    free = m.kernel.pool.nr_free
-    proc = m.kernel.spawn("qemu")
-    fd = proc.open(m.kernel.vepc_device)
-    addr = proc.mmap(MB, fd=fd)
+    m, free, proc, fd, addr = _mapped(kernel)
     assert proc.touch(addr)                                  # index 0 is populated
     m.kernel.vepc.inject("vmf_insert_pfn")
     assert not proc.touch(addr + 4096)
@@ -212,25 +207,12 @@ def test_inject_refuses_an_unknown_point():
 
 
 # -- sgx_virt_epc_free_page, release -------------------------------------------------------------------------------
-def _secs_in_a_child_in_b(m):
-    proc = m.kernel.spawn("qemu")
-    fa, fb = proc.open("/dev/sgx_virt_epc"), proc.open("/dev/sgx_virt_epc")
-    a, b = proc.mmap(MB, fd=fa), proc.mmap(MB, fd=fb)
-    proc.touch(a)
-    proc.touch(b)
-    secs = proc.file(fa).private_data.page_array.load(0)
-    child = proc.file(fb).private_data.page_array.load(0)
-    g = GuestEncls(m)
-    assert g.ecreate(secs) == 0 and g.eadd(child, secs, 0) == 0
-    return proc, fa, fb, a, b, secs
-
-
 def test_release_pass_2_puts_a_secs_with_a_child_elsewhere_on_zombie_secs_pages():
     # "the SECS page must have a child on another instance": list_add_tail(&epc_page->list, &secs_pages);
     # ... list_splice_tail(&secs_pages, &zombie_secs_pages);
     m = seed()
     total = m.kernel.pool.nr_free
-    proc, fa, fb, a, b, secs = _secs_in_a_child_in_b(m)
+    proc, fa, fb, a, b, secs, _child = secs_in_a_child_in_b(m)
     proc.munmap(a, MB)
     proc.close(fa)
     assert m.kernel.vepc.zombie_secs_pages == [secs]
@@ -246,7 +228,7 @@ def test_release_pass_1_frees_children_and_pass_2_their_secs_in_one_instance():
     # this 'epc' area"
     m = seed()
     total = m.kernel.pool.nr_free
-    proc, fd = open_virt_epc(m)
+    proc, fd = open_vepc(m)
     proc.touch(proc.mmap(MB, fd=fd), 3 * 4096)
     pa = proc.file(fd).private_data.page_array
     g = GuestEncls(m)
@@ -262,7 +244,7 @@ def test_release_pass_1_frees_children_and_pass_2_their_secs_in_one_instance():
 def test_free_page_warns_once_with_the_seeds_text_for_an_error_other_than_child_present():
     # WARN_ONCE(ret != SGX_CHILD_PRESENT, "EREMOVE (EPC page 0x%lx): unexpected error: %d\n", phys, ret);
     m = seed()
-    proc, fd = open_virt_epc(m)
+    proc, fd = open_vepc(m)
     proc.touch(proc.mmap(MB, fd=fd), 2 * 4096)
     pa = proc.file(fd).private_data.page_array
     secs, tcs = pa.load(0), pa.load(1)

@@ -14,15 +14,9 @@ from vepc.kernel.ioctl_numbers import SGX_IOC_ENCLAVE_INIT, SGX_IOC_VEPC_REMOVE_
 from vepc.kernel.mm import MAP_PRIVATE, MAP_SHARED, VM_DONTCOPY, VM_DONTDUMP, VM_IO, VM_PFNMAP, FaultLivelock
 from vepc.silicon.faults import GeneralProtection
 
-from kernelutil import TCS, GuestEncls, check, host
+from kernelutil import TCS, GuestEncls, check, host, open_vepc, secs_in_a_child_in_b
 
 MB = 1 << 20
-
-
-def open_vepc(m, name="qemu"):
-    proc = m.kernel.spawn(name)
-    fd = proc.open("/dev/sgx_vepc")
-    return proc, fd
 
 
 def free(m):
@@ -211,25 +205,10 @@ def test_sigbus_with_a_handler_is_recorded_and_the_process_lives():
 
 
 # -- release: pass 1, pass 2, zombies ---------------------------------------------------------------------
-def _secs_in_a_child_in_b(m):
-    """What a guest can do: SECS in vepc A's page, its child in vepc B's page."""
-    proc = m.kernel.spawn("qemu")
-    fa, fb = proc.open("/dev/sgx_vepc"), proc.open("/dev/sgx_vepc")
-    a, b = proc.mmap(MB, fd=fa), proc.mmap(MB, fd=fb)
-    proc.touch(a)
-    proc.touch(b)
-    secs = proc.file(fa).private_data.page_array.load(0)
-    child = proc.file(fb).private_data.page_array.load(0)
-    g = GuestEncls(m)
-    assert g.ecreate(secs) == 0
-    assert g.eadd(child, secs, 0) == 0
-    return proc, fa, fb, a, b, secs, child
-
-
 def test_release_moves_secs_with_foreign_child_to_zombies():
     m = host()
     total = free(m)
-    proc, fa, fb, a, b, secs, child = _secs_in_a_child_in_b(m)
+    proc, fa, fb, a, b, secs, child = secs_in_a_child_in_b(m)
     proc.munmap(a, MB)
     proc.close(fa)
     assert m.kernel.vepc.zombie_secs_pages == [secs]
@@ -325,7 +304,7 @@ def _tcs_bytes() -> bytes:
 # -- REMOVE_ALL -------------------------------------------------------------------------------------
 def test_remove_all_counts_secs_with_children_then_zero_and_keeps_pages():
     m = host()
-    proc, fa, fb, a, b, secs, child = _secs_in_a_child_in_b(m)
+    proc, fa, fb, a, b, secs, child = secs_in_a_child_in_b(m)
     allocated = free(m)
     assert proc.ioctl(fa, SGX_IOC_VEPC_REMOVE_ALL) == 1       # SECS: child in the other instance
     assert proc.ioctl(fb, SGX_IOC_VEPC_REMOVE_ALL) == 0       # the child goes

@@ -5,14 +5,13 @@ The command lines are CH's docs/intel_sgx.md example and its integration test (t
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 
 from vepc.kernel.invariants import assert_ok
 from vepc.machine import Machine
 from vepc.vmm.cloud_hypervisor import CloudHypervisorVm, ChError, ch_layout, parse_ch_args
+
+from cliutil import vepc
 
 MB = 1 << 20
 DOC = ["--cpus", "boot=1", "--memory", "size=512M", "--sgx-epc", "id=epc0,size=64M,prefault=on"]
@@ -81,11 +80,6 @@ def test_host_without_sgx_provision_fails_setup_sgx():
     with pytest.raises(ChError) as e:
         CloudHypervisorVm(host, DOC).start()
     assert "SgxProvisionOpen" in e.value.message
-
-
-def vepc(*args):
-    return subprocess.run([sys.executable, "-c", "from vepc.cli import main; main()", *args],
-                          capture_output=True, text=True, timeout=120)
 
 
 def test_cli_reports_the_front_end_and_exit_statuses():
