@@ -269,6 +269,11 @@ def sgx_encl_add_page(drv: "EnclaveDriver", encl: Encl, src: int, offset: int, s
 ADD_PAGES_BATCH = 256
 
 
+def _va_page_positions(encl: Encl, n: int) -> list[int]:
+    """Which of the next ``n`` pages ``sgx_encl_grow`` gives a new VA page (one per SGX_VA_SLOT_COUNT)."""
+    return [j for j in range(n) if (encl.page_cnt + j) % SGX_VA_SLOT_COUNT == 0]
+
+
 def _add_pages_batch(drv: "EnclaveDriver", encl: Encl, proc: Process, src: int, offset: int, npages: int,
                      secinfo: Secinfo, flags: int) -> int:
     """``sgx_encl_add_page`` for up to :data:`ADD_PAGES_BATCH` consecutive PT_REG pages at once, for the
@@ -286,8 +291,14 @@ def _add_pages_batch(drv: "EnclaveDriver", encl: Encl, proc: Process, src: int, 
     if ready is None or secinfo.flags & 0xFF00 != _SI_REG or not proc.alive or not ready():
         return 0
     n = min(npages, ADD_PAGES_BATCH)
+    if n < 2:
+        return 0
     base_index = (encl.base + offset) >> PAGE_SHIFT
     if any(base_index + j in encl.page_array for j in range(n)):
+        return 0
+    # The pool must hold the pages and their VA pages above the watermark; checked before the sources are
+    # resolved, so a low pool costs no get_user_page walk per page (n only shrinks below).
+    if drv.pool.nr_free - (n + len(_va_page_positions(encl, n))) < SGX_NR_LOW_PAGES:
         return 0
     phys = []
     for j in range(n):                                 # get_user_page per page, in order (may fault RAM in)
@@ -296,9 +307,9 @@ def _add_pages_batch(drv: "EnclaveDriver", encl: Encl, proc: Process, src: int, 
             break
         phys.append(pa)
     n = len(phys)
-    va_at = [j for j in range(n) if (encl.page_cnt + j) % SGX_VA_SLOT_COUNT == 0]
-    if n < 2 or drv.pool.nr_free - (n + len(va_at)) < SGX_NR_LOW_PAGES:
+    if n < 2:
         return 0
+    va_at = _va_page_positions(encl, n)
     contents = b"".join(drv.kernel.read_phys(pa, PAGE_SIZE) for pa in phys)
     # Allocation in the loop's order: each page's EPC page, then (every 512th) its VA page.
     node = drv.current_node()
