@@ -66,6 +66,11 @@ class EventKind(enum.IntEnum):
     VM_RESET = 52
     EPT_VIOLATION = 53
     KVM_EXIT = 54
+    # kernel: EPC cgroup (the series' sgx_epc misc resource); owner = the cgroup's id (EpcCgroups.by_id)
+    CGROUP_CHARGE = 60        # count = pages charged to the cgroup (and its ancestors)
+    CGROUP_UNCHARGE = 61      # count = pages uncharged
+    CGROUP_MAX = 62           # misc_cg_event: a charge hit a limit here (misc.events max); text = path
+    CGROUP_RECLAIM = 63       # a reclaim round on the cgroup's LRU; count = pages off the LRU, arg = root id
 
 
 class Event(NamedTuple):

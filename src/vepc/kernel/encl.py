@@ -342,7 +342,7 @@ class EnclVmOps(VmOps):
             ret = drv.sgx_vma_fault(vmf)
             # NOPAGE without a PTE: the access re-executes and faults again; meanwhile ksgxd runs (model
             # of the concurrent kthread; see the module docstring).
-            budget = max(64, 4 * (len(kernel.pool.active) // SGX_NR_TO_SCAN + 1))
+            budget = max(64, 4 * (kernel.pool.nr_reclaimable() // SGX_NR_TO_SCAN + 1))
             while ret == VM_FAULT_NOPAGE and vpn not in vmf.vma.ptes and budget and vmf.vma.mm is not None \
                     and vmf.vma.mm.alive:
                 budget -= 1
@@ -814,11 +814,11 @@ class EnclaveDriver(FileOps):
             self.kernel.current = prev
 
     # -- reclaim ----------------------------------------------------------------------------------
-    def reclaim_pages(self) -> None:
-        """``sgx_reclaim_pages`` (main.c): one batch of SGX_NR_TO_SCAN pages."""
+    def reclaim_pages(self, lru=None) -> int:
+        """``sgx_reclaim_pages`` (main.c): one batch of SGX_NR_TO_SCAN pages (of ``lru``: the EPC cgroup)."""
         from vepc.kernel.reclaimer import sgx_reclaim_pages
 
-        sgx_reclaim_pages(self)
+        return sgx_reclaim_pages(self, lru)
 
     def reclaim_direct(self) -> None:
         """``sgx_reclaim_direct``."""

@@ -178,6 +178,9 @@ class EpcPool:
         self.reclaim_pages = lambda: None
         self.wake_ksgxd = lambda: None
         self.signal_pending = lambda: False
+        #: The EPC cgroup (:class:`vepc.kernel.epc_cgroup.EpcCgroups`) when the kernel has it, else None
+        #: (mainline: one active list, no charging).
+        self.cgroups = None
 
     # -- addresses ------------------------------------------------------------------------------
     def section_of(self, page: int) -> KSection:
@@ -267,13 +270,51 @@ class EpcPool:
         with self._free_count_lock:
             self.nr_free += delta
 
+    def can_reclaim(self) -> bool:
+        """``!list_empty(&sgx_active_page_list)``; with the EPC cgroup ``sgx_can_reclaim_global``: a page on
+        some LRU of the root's subtree."""
+        if self.cgroups is None:
+            return bool(self.active)
+        return self.cgroups.can_reclaim_global()
+
+    def nr_reclaimable(self) -> int:
+        """Pages on the reclaimer's lists (all cgroups' LRUs with the EPC cgroup)."""
+        return len(self.active) if self.cgroups is None else self.cgroups.nr_reclaimable()
+
     def should_reclaim(self, watermark: int) -> bool:
-        """``sgx_should_reclaim``: free pages below the watermark and something to reclaim."""
-        return self.nr_free < watermark and bool(self.active)
+        """``sgx_should_reclaim`` (``sgx_should_reclaim_global`` with the EPC cgroup): free pages below the
+        watermark and something to reclaim."""
+        return self.nr_free < watermark and self.can_reclaim()
 
     def alloc(self, owner: object | None, reclaim: bool, node: int = 0) -> int:
-        """``sgx_alloc_epc_page(owner, reclaim)``: a page number, or -ENOMEM / -EBUSY / -ERESTARTSYS."""
+        """``sgx_alloc_epc_page(owner, reclaim)``: a page number, or -ENOMEM / -EBUSY / -ERESTARTSYS.
+
+        With the EPC cgroup (series main.c): charge the current task's cgroup first
+        (``sgx_cgroup_try_charge``; its error is the result), then allocate as mainline does but with
+        ``sgx_can_reclaim_global`` for the empty-list test and global reclaim from the root's subtree;
+        the page remembers its cgroup, and a failed allocation uncharges it."""
         oid = getattr(owner, "owner_id", 0) if owner is not None else 0
+        cgs = self.cgroups
+        if cgs is not None:
+            sg = cgs.current()
+            ret = cgs.try_charge(sg, reclaim)
+            if ret:
+                self.events.emit(EventKind.EPC_ALLOC_FAIL, owner=oid, arg=ret, arg2=sg.id)
+                return ret
+            page = self._alloc_loop(oid, reclaim, node)
+            if page >= 0:
+                cgs.page_cg[page] = sg.id
+            else:
+                cgs.uncharge(sg)
+            if self.should_reclaim(SGX_NR_LOW_PAGES):
+                self.wake_ksgxd()
+            return page
+        page = self._alloc_loop(oid, reclaim, node)
+        if self.nr_free < SGX_NR_LOW_PAGES and self.active:           # sgx_should_reclaim(SGX_NR_LOW_PAGES)
+            self.wake_ksgxd()
+        return page
+
+    def _alloc_loop(self, oid: int, reclaim: bool, node: int) -> int:
         while True:
             # The local node first (the common case, without the round-robin walk), then all of them.
             page = self._alloc_from_node(node) if node in self.nodes else -1
@@ -283,7 +324,7 @@ class EpcPool:
                 self.owner[page] = oid
                 self.events.emit(EventKind.EPC_ALLOC, owner=oid, page=page)
                 break
-            if not self.active:
+            if not self.can_reclaim():
                 self.events.emit(EventKind.EPC_ALLOC_FAIL, owner=oid, arg=-errno.ENOMEM)
                 return -errno.ENOMEM
             if not reclaim:
@@ -295,8 +336,6 @@ class EpcPool:
                 self.events.emit(EventKind.EPC_ALLOC_FAIL, owner=oid, arg=page)
                 break
             self.reclaim_pages()
-        if self.nr_free < SGX_NR_LOW_PAGES and self.active:           # sgx_should_reclaim(SGX_NR_LOW_PAGES)
-            self.wake_ksgxd()
         return page
 
     def alloc_batch(self, owner: object | None, n: int, node: int = 0) -> np.ndarray:
@@ -305,6 +344,11 @@ class EpcPool:
         nodes in round robin). Fewer when the free lists run dry: then nothing failed yet -- the caller
         makes the next allocation through :meth:`alloc`, which reports -ENOMEM/-EBUSY as usual."""
         oid = getattr(owner, "owner_id", 0) if owner is not None else 0
+        cgs = self.cgroups
+        if cgs is not None:
+            # try_charge of each page: as many as the cgroup's limits (and the capacity) allow at once.
+            sg = cgs.current()
+            n = cgs.charge_batch(sg, min(n, self.nr_free))
         parts: list[np.ndarray] = []
         left = n
         if left > 0 and self.nr_free:
@@ -322,6 +366,8 @@ class EpcPool:
                 nid = self._next_node_in(nid)
                 if nid == nid_start:
                     break
+        if cgs is not None and left:                         # charged, not allocated: n was bounded by
+            cgs.uncharge(sg, left)                           # nr_free, so only if the rings disagree
         if not parts:
             return np.zeros(0, dtype=np.int64)
         pages = parts[0] if len(parts) == 1 else np.concatenate(parts)
@@ -329,6 +375,8 @@ class EpcPool:
         rows = slice(*run) if run is not None else pages
         self.flags[rows] = 0
         self.owner[rows] = oid
+        if cgs is not None:
+            cgs.page_cg[rows] = sg.id
         self.account_free(-len(pages))
         self.events.emit(EventKind.EPC_ALLOC, owner=oid, page=int(pages[0]), count=len(pages))
         # alloc() checks the watermark after every allocation; free pages only went down and the active
@@ -351,6 +399,8 @@ class EpcPool:
         else:
             arr = np.asarray(pages, dtype=np.int64)
             sl = arr
+        if self.cgroups is not None:
+            self.cgroups.release_pages(sl)
         owners = self.owner[sl]
         # owner[page] = 0; skip the store where it is 0 already, so that untouched rows stay unallocated.
         owned = int(np.count_nonzero(owners))
@@ -404,6 +454,8 @@ class EpcPool:
         """
         node = self.nodes[self.node_of(page)]
         oid = int(self.owner[page])
+        if self.cgroups is not None:
+            self.cgroups.release_page(page)                 # sgx_cgroup_uncharge(page->sgx_cg)
         with node.lock:
             self.owner[page] = 0
             if self.flags[page] & PAGE_POISON:
@@ -422,17 +474,19 @@ class EpcPool:
     # -- the reclaimer's list -------------------------------------------------------------------
     def mark_reclaimable(self, page: int) -> None:
         """``sgx_mark_page_reclaimable``: set TRACKED and add at the tail of the active list."""
+        lru = self.active if self.cgroups is None else self.cgroups.lru_of(page)
         with self.reclaimer_lock:
             self.flags[page] |= PAGE_RECLAIMER_TRACKED
-            self.active[page] = None
+            lru[page] = None
 
     def unmark_reclaimable(self, page: int) -> int:
         """``sgx_unmark_page_reclaimable``: -EBUSY while the reclaimer holds the page, else 0."""
+        lru = self.active if self.cgroups is None else self.cgroups.lru_of(page)
         with self.reclaimer_lock:
             if self.flags[page] & PAGE_RECLAIMER_TRACKED:
-                if page not in self.active:
+                if page not in lru:
                     return -errno.EBUSY
-                del self.active[page]
+                del lru[page]
                 self.flags[page] &= 0xFF ^ PAGE_RECLAIMER_TRACKED
             return 0
 

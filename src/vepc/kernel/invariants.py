@@ -131,6 +131,8 @@ def check(kernel: "Kernel", processor: "Processor | None" = None, idle: bool = F
         return []
     v: list[str] = []
     on_free = _check_pool(kernel, v)
+    if pool.cgroups is not None:
+        _check_cgroups(kernel, v)
     _check_vepc(kernel, v)
     _check_enclaves(kernel, v)
     sidx = None
@@ -231,9 +233,11 @@ def _check_pool(kernel: "Kernel", v: list[str]) -> np.ndarray:
     bad = np.flatnonzero(on_dirty != dirty)
     if len(bad):
         v.append(f"DIRTY flag disagrees with sgx_dirty_page_list for pages {_q(bad)}")
-    # sgx_active_page_list <-> SGX_EPC_PAGE_RECLAIMER_TRACKED, enclave pages only.
+    # sgx_active_page_list (with the EPC cgroup: the LRUs of all cgroups) <-> SGX_EPC_PAGE_RECLAIMER_TRACKED,
+    # enclave pages only.
+    lrus = [pool.active] if pool.cgroups is None else [sg.lru for sg in pool.cgroups.by_id[1:] if sg is not None]
     with pool.reclaimer_lock:
-        active = np.fromiter(pool.active.keys(), dtype=np.int64, count=len(pool.active))
+        active = np.concatenate([np.fromiter(lru.keys(), dtype=np.int64, count=len(lru)) for lru in lrus])
     tracked = np.flatnonzero(flags & PAGE_RECLAIMER_TRACKED)
     if len(np.setxor1d(active, tracked)):
         v.append(f"reclaimer list and TRACKED flags disagree: pages {_q(np.setxor1d(active, tracked))}")
@@ -243,6 +247,48 @@ def _check_pool(kernel: "Kernel", v: list[str]) -> np.ndarray:
         if len(bad):
             v.append(f"pages on the reclaimer's active list that are not enclave pages: {_q(bad)}")
     return on_free
+
+
+def _check_cgroups(kernel: "Kernel", v: list[str]) -> None:
+    """The EPC cgroup (series epc_cgroup.c / misc.c): the root's misc.current is every allocated EPC page;
+    each cgroup's usage is the pages charged to it and its descendants; a page is charged iff it is
+    allocated; each LRU holds only pages of its cgroup; usage <= max at every level unless misc.max was
+    written below the usage (the final series does not reclaim on that write)."""
+    from vepc.arch.constants import PAGE_SIZE
+    from vepc.kernel.misc_cgroup import SGX_EPC
+
+    pool = kernel.pool
+    cgs = pool.cgroups
+    charged = cgs.page_cg != 0
+    owned = pool.owner != 0
+    bad = np.flatnonzero(charged != owned)
+    if len(bad):
+        v.append(f"EPC cgroup: pages charged but not allocated, or allocated but not charged: {_q(bad)}")
+    per_cg = np.bincount(cgs.page_cg, minlength=len(cgs.by_id))
+    subtree = {}
+    for sg in reversed([s for s in cgs.by_id[1:] if s is not None]):
+        # children were created after their parent: a reverse walk sums leaves first
+        subtree[sg.id] = subtree.get(sg.id, 0) + int(per_cg[sg.id])
+        if sg.cg.parent is not None:
+            pid = cgs.of(sg.cg.parent).id
+            subtree[pid] = subtree.get(pid, 0) + subtree[sg.id]
+    for sg in cgs.by_id[1:]:
+        if sg is None:
+            continue
+        r = sg.cg.res[SGX_EPC]
+        if r.usage != subtree[sg.id] * PAGE_SIZE:
+            v.append(f"EPC cgroup {sg.cg.path}: misc.current {r.usage} != {subtree[sg.id]} charged pages "
+                     f"x {PAGE_SIZE}")
+        if r.usage > r.max and not r.lowered:
+            v.append(f"EPC cgroup {sg.cg.path}: misc.current {r.usage} > misc.max {r.max}")
+        if sg.lru:
+            pages = np.fromiter(sg.lru.keys(), dtype=np.int64, count=len(sg.lru))
+            wrong = pages[cgs.page_cg[pages] != sg.id]
+            if len(wrong):
+                v.append(f"EPC cgroup {sg.cg.path}: pages of another cgroup on its LRU: {_q(wrong)}")
+    root = cgs.misc.root.res[SGX_EPC].usage
+    if root != int(owned.sum()) * PAGE_SIZE:
+        v.append(f"EPC cgroup: root misc.current {root} != {int(owned.sum())} allocated EPC pages x {PAGE_SIZE}")
 
 
 def _check_vepc(kernel: "Kernel", v: list[str]) -> None:

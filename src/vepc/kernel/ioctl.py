@@ -39,6 +39,7 @@ from vepc.kernel.ioctl_numbers import (
     SGX_IOC_ENCLAVE_PROVISION, SGX_IOC_ENCLAVE_REMOVE_PAGES, SGX_IOC_ENCLAVE_RESTRICT_PERMISSIONS,
     SGX_PAGE_MEASURE,
 )
+from vepc.kernel.misc_cgroup import SGX_EPC
 from vepc.kernel.mm import VM_IO, VM_PFNMAP, VM_READ, VM_WRITE, File, KernelError, Process
 from vepc.kernel.provision import sgx_set_attribute
 
@@ -299,6 +300,11 @@ def _add_pages_batch(drv: "EnclaveDriver", encl: Encl, proc: Process, src: int, 
     # The pool must hold the pages and their VA pages above the watermark; checked before the sources are
     # resolved, so a low pool costs no get_user_page walk per page (n only shrinks below).
     if drv.pool.nr_free - (n + len(_va_page_positions(encl, n))) < SGX_NR_LOW_PAGES:
+        return 0
+    # With the EPC cgroup every page and VA page must charge without reaching a limit (a charge that
+    # fails reclaims in the cgroup first: the per-page path).
+    cgs = drv.pool.cgroups
+    if cgs is not None and cgs.misc.headroom(SGX_EPC, cgs.current().cg) < (n + len(_va_page_positions(encl, n))) * PAGE_SIZE:
         return 0
     phys = []
     for j in range(n):                                 # get_user_page per page, in order (may fault RAM in)

@@ -61,12 +61,14 @@ class SgxUnavailable(RuntimeError):
 class KernelConfig:
     """Kernel build and boot choices. ``x86_sgx_kvm`` is CONFIG_X86_SGX_KVM (CONFIG_KVM_INTEL for the
     ``rfc-v2`` profile, whose Kconfig X86_SGX_VIRTUALIZATION depends on it). ``version``: "6.8", "5.15", ...
-    or a profile of :data:`KERNEL_PROFILES`."""
+    or a profile of :data:`KERNEL_PROFILES`. ``epc_cgroup``: the kernel carries the EPC cgroup series."""
 
     version: str = "6.8"
     x86_sgx_kvm: bool = True
     ram_base: int = 0x100000
     ram_size: int = 64 << 20
+    #: CONFIG_CGROUP_MISC with the EPC cgroup series applied (not mainline): :mod:`vepc.kernel.epc_cgroup`
+    epc_cgroup: bool = False
 
 
 class Kernel:
@@ -95,6 +97,8 @@ class Kernel:
         self.vepc = None
         self.enclave_driver = None
         self.ksgxd = None
+        #: the EPC cgroup (:class:`vepc.kernel.epc_cgroup.EpcCgroups`) when configured and SGX is up
+        self.cgroups = None
         self.sgx_ok = False
         self.features: dict[str, bool] = {}
         self._current = threading.local()
@@ -156,9 +160,11 @@ class Kernel:
         return cur.node if cur is not None else self.cpu.node
 
     def schedule(self) -> None:
-        """A scheduling point: kernel threads that have work (ksgxd) run now."""
+        """A scheduling point: kernel threads that have work (ksgxd, the EPC cgroup's work queue) run now."""
         if self.ksgxd is not None:
             self.ksgxd.run()
+        if self.cgroups is not None:
+            self.cgroups.run_work()
 
     # -- processes and files -------------------------------------------------------------------
     def spawn(self, name: str = "proc", node: int | None = None) -> Process:
@@ -256,6 +262,11 @@ class Kernel:
             self.ksgxd = None
             self.pool = None
             raise SgxUnavailable("neither /dev/sgx_enclave nor /dev/sgx_vepc could be initialised")
+        if self.config.epc_cgroup:
+            # sgx_cgroup_init, the last step of sgx_init in the series.
+            from vepc.kernel.epc_cgroup import EpcCgroups
+
+            self.cgroups = self.pool.cgroups = EpcCgroups(self)
 
     def _page_cache_init(self) -> None:
         """``sgx_page_cache_init``: EPC sections from CPUID.0x12.{2..9}, NUMA nodes, the dirty list."""

@@ -175,6 +175,8 @@ class Process:
         #: mmu_notifier ``invalidate_range`` callbacks (KVM registers one per VM): fn(start, end).
         self.mmu_notifiers: list[Callable[[int, int], None]] = []
         self.node = 0
+        #: the misc cgroup the task is in (None: the root), see vepc.kernel.misc_cgroup
+        self.misc_cg = None
 
     # -- descriptors --------------------------------------------------------------------------
     def _check_alive(self) -> None:
@@ -540,6 +542,8 @@ class Process:
         self.alive = False
         self.kernel.events.emit(EventKind.PROCESS_EXIT, arg=self.pid, arg2=signo or 0)
         self.kernel.processes.pop(self.pid, None)
+        if self.kernel.cgroups is not None:
+            self.kernel.cgroups.misc.forget(self)
 
     def kill(self) -> None:
         """SIGKILL."""

@@ -177,14 +177,18 @@ class Ksgxd:
                 # A batch that only aged pages frees nothing; upstream keeps looping. The model stops once
                 # two full passes over the active list freed nothing (pages that stay young forever).
                 stalled = 0 if self.pool.nr_free > before else stalled + 1
-                if stalled > 2 * (len(self.pool.active) // 16 + 1):
+                if stalled > 2 * (self.pool.nr_reclaimable() // 16 + 1):
                     break
             self.woken = False
         finally:
             self.running = False
 
     def reclaim_pages(self) -> None:
-        """``sgx_reclaim_pages``: provided by the enclave driver (it owns the enclave page structures)."""
+        """``sgx_reclaim_pages_global``: one batch of the enclave driver's ``sgx_reclaim_pages`` (it owns the
+        enclave page structures); with the EPC cgroup, one round over the root's subtree."""
+        if self.pool.cgroups is not None:
+            self.pool.cgroups.reclaim_pages_global()
+            return
         drv = self.kernel.enclave_driver
         if drv is not None:
             drv.reclaim_pages()

@@ -123,15 +123,19 @@ def sgx_reclaimer_write(drv: "EnclaveDriver", epc_page: int, backing: SgxBacking
             encl.secs.epc_page = None
 
 
-def sgx_reclaim_pages(drv: "EnclaveDriver") -> None:
-    """``sgx_reclaim_pages``: one batch from the head of the active list."""
+def sgx_reclaim_pages(drv: "EnclaveDriver", lru=None) -> int:
+    """``sgx_reclaim_pages``: one batch from the head of the active list (the EPC cgroup series: of the
+    LRU ``lru``, default the root's, which is the active list). Returns how many pages it took for
+    reclaim (the series' return value; mainline returns nothing)."""
     pool = drv.pool
+    if lru is None:
+        lru = pool.active
     chunk: list[int | None] = []
     with pool.reclaimer_lock:
         for _ in range(SGX_NR_TO_SCAN):
-            if not pool.active:
+            if not lru:
                 break
-            epc_page, _ = pool.active.popitem(last=False)   # list_del_init: TRACKED stays set
+            epc_page, _ = lru.popitem(last=False)           # list_del_init: TRACKED stays set
             encl_page = drv.owner_of.get(epc_page)
             if encl_page is not None and encl_page.encl.kref_get_unless_zero():
                 chunk.append(epc_page)
@@ -150,11 +154,12 @@ def sgx_reclaim_pages(drv: "EnclaveDriver") -> None:
                     backing[i] = b
                     encl_page.desc |= SGX_ENCL_PAGE_BEING_RECLAIMED
                     continue
-        # skip: back to the tail of the active list, drop the enclave reference.
+        # skip: back to the tail of the list, drop the enclave reference.
         with pool.reclaimer_lock:
-            pool.active[epc_page] = None
+            lru[epc_page] = None
         encl.kref_put()
         chunk[i] = None
+    taken = len(chunk)
     for epc_page in chunk:
         if epc_page is not None:
             sgx_reclaimer_block(drv, epc_page)
@@ -166,9 +171,18 @@ def sgx_reclaim_pages(drv: "EnclaveDriver") -> None:
         encl.kref_put()
         pool.flags[epc_page] &= 0xFF ^ PAGE_RECLAIMER_TRACKED
         drv.free_epc_page(epc_page)
+    return taken
 
 
 def sgx_reclaim_direct(drv: "EnclaveDriver") -> None:
-    """``sgx_reclaim_direct``: reclaim one batch when free pages are below the low watermark."""
+    """``sgx_reclaim_direct``: reclaim one batch when free pages are below the low watermark. With the
+    EPC cgroup the current cgroup reclaims first when near its limit (``sgx_cgroup_reclaim_direct``), then
+    the global check reclaims from the root's subtree."""
+    cgs = drv.pool.cgroups
+    if cgs is not None:
+        cgs.reclaim_direct()
+        if drv.pool.should_reclaim(SGX_NR_LOW_PAGES):
+            cgs.reclaim_pages_global()
+        return
     if drv.pool.should_reclaim(SGX_NR_LOW_PAGES):
         sgx_reclaim_pages(drv)
