@@ -511,6 +511,8 @@ class Process:
         """fork(2): descriptors are shared, VMAs copied except VM_DONTCOPY (kernel/fork.c dup_mmap)."""
         self._check_alive()
         child = self.kernel.spawn(name or self.name)
+        if self.misc_cg is not None and self.kernel.cgroups is not None:
+            self.kernel.cgroups.misc.attach(child, self.misc_cg.path)    # the child inherits the cgroup
         for fd, f in self.fds.items():
             child.fds[fd] = f.get()
         for vma in self.vmas:

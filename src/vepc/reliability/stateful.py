@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from vepc.reliability.world import World
 
@@ -79,6 +79,24 @@ class ReliabilityMachine(RuleBasedStateMachine):
     def _did(self, what: str, outcome: str) -> None:
         STATS.steps += 1
         self.log.append(f"{what}: {outcome}")
+
+    @initialize(epc_cgroup=st.booleans())
+    def boot(self, epc_cgroup):
+        """Half the worlds boot a host with the EPC cgroup series (misc.max limits, per-cgroup reclaim)."""
+        if epc_cgroup:
+            self.world = World(epc_cgroup=True)
+        self._did("boot", "epc cgroup" if epc_cgroup else "mainline")
+
+    # -- EPC cgroups ----------------------------------------------------------------------------------
+    @precondition(lambda self: self.world.kernel.cgroups is not None)
+    @rule(which=_idx, pages=st.one_of(st.none(), st.sampled_from([0, 8, 40, 96, 200])))
+    def cgroup_limit(self, which, pages):
+        self._did("cgroup_limit", self.world.cgroup_limit(which, pages))
+
+    @precondition(lambda self: self.world.kernel.cgroups is not None and self.world.processes())
+    @rule(i=_idx, which=_idx)
+    def cgroup_attach(self, i, which):
+        self._did("cgroup_attach", self.world.cgroup_attach(i, which))
 
     # -- host enclaves -------------------------------------------------------------------------------
     @rule(pages=st.sampled_from([2, 3, 5, 24, 96, 320]))

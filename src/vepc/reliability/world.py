@@ -114,8 +114,8 @@ class VmRecord:
 class World:
     """A host (two EPC sections on two nodes by default) with apps, VMs, forked children and hogs."""
 
-    def __init__(self, epc=("768K@0", "512K@1"), *, kernel_version: str = "6.8") -> None:
-        self.machine = Machine.build(epc=list(epc), kernel_version=kernel_version)
+    def __init__(self, epc=("768K@0", "512K@1"), *, kernel_version: str = "6.8", epc_cgroup: bool = False) -> None:
+        self.machine = Machine.build(epc=list(epc), kernel_version=kernel_version, epc_cgroup=epc_cgroup)
         self.kernel = self.machine.kernel
         self.processor = self.machine.processor
         # A private leaf table: injected faults never leak into other machines of the process.
@@ -185,6 +185,32 @@ class World:
             return "closed"
         app.proc.exit()
         return "exited"
+
+    # -- EPC cgroups (the kernel carries the series) ----------------------------------------------
+    CGROUPS = ("/vms", "/vms/a", "/apps")
+
+    def cgroup_limit(self, which: int, pages: int | None) -> str:
+        """Write ``sgx_epc PAGES*4096`` (or ``max``) to misc.max of one of :data:`CGROUPS` (created on
+        first use); may be below the usage."""
+        cgs = self.kernel.cgroups
+        if cgs is None:
+            return "no cgroups"
+        path = self.CGROUPS[which % len(self.CGROUPS)]
+        cgs.misc.mkdir(path, parents=True)
+        cgs.misc.write(path, "misc.max", f"sgx_epc {'max' if pages is None else pages * PAGE_SIZE}")
+        return f"{path} max {pages}"
+
+    def cgroup_attach(self, i: int, which: int) -> str:
+        """Move a live process into one of :data:`CGROUPS` (or the root, ``which`` past the end)."""
+        cgs = self.kernel.cgroups
+        proc = self._pick(self.processes(), i)
+        if cgs is None or proc is None:
+            return "none"
+        paths = self.CGROUPS + ("/",)
+        path = paths[which % len(paths)]
+        cgs.misc.mkdir(path, parents=True)
+        cgs.misc.attach(proc, path)
+        return f"{proc.name}[{proc.pid}] -> {path}"
 
     def reclaim(self) -> str:
         """ksgxd gets to run (and one direct reclaim batch)."""
