@@ -77,3 +77,32 @@ def test_the_seed_profile_host_serves_qemu_through_sgx_virt_epc():
     r = vepc("qemu", "--host-kernel", "rfc-v2", "--host-epc", "128M@0", "--", *ARGS)
     assert r.returncode == 0, r.stderr
     assert "sgx: EPC section 0x100000000-0x103ffffff" in r.stdout
+
+
+# -- --cgroup / --epc-max (the EPC cgroup series on the host) ------------------------------------------------
+EPC32 = ["-m", "1G", "-accel", "kvm", "-cpu", "host", "-object", "memory-backend-epc,id=m0,size=32M,prealloc=on",
+         "-M", "sgx-epc.0.memdev=m0,sgx-epc.0.node=0"]
+
+
+def test_qemu_in_a_cgroup_below_its_epc_fails_prealloc_and_names_the_max_event():
+    r = vepc("qemu", "--cgroup", "/vms/web", "--epc-max", "16M", "--", *EPC32)
+    assert r.returncode == 1
+    lines = r.stderr.strip().splitlines()
+    assert lines[0] == "qemu-system-x86_64: qemu_prealloc_mem: preallocating memory failed: Bad address"
+    assert lines[1].startswith("vepc: host cgroup /vms/web: misc.events sgx_epc.max 1")
+
+
+def test_qemu_in_a_cgroup_reports_its_misc_current_and_max():
+    r = vepc("qemu", "--json", "--cgroup", "/vms/web", "--epc-max", "64M", "--", *EPC32)
+    assert r.returncode == 0, r.stderr
+    cg = json.loads(r.stdout)["cgroup"]
+    assert (cg["path"], cg["current"], cg["max"], cg["events_max"]) == ("/vms/web", 32 << 20, 64 << 20, 0)
+
+
+def test_qemu_cgroup_options_refuse_bad_input_in_one_line():
+    for args, msg in ((["--epc-max", "64M"], "vepc: --epc-max limits QEMU's cgroup: add --cgroup PATH"),
+                      (["--cgroup", "vms"], "vepc: --cgroup: cgroup path 'vms' must be absolute"),
+                      (["--cgroup", "/"], "vepc: --cgroup: \"/\" is the root cgroup"),
+                      (["--cgroup", "/v", "--epc-max", "6Q"], "vepc: --epc-max: invalid size '6Q'")):
+        r = vepc("qemu", *args, "--", *EPC32)
+        assert r.returncode == 2 and r.stderr.startswith(msg) and len(r.stderr.splitlines()) == 1, (args, r.stderr)

@@ -326,3 +326,21 @@ def test_batch_prealloc_charges_exactly_what_the_page_by_page_path_charges():
         assert_ok(m.kernel, m.processor)
     assert results[0] == results[1]
     assert results[0][1] == 300 * PAGE
+
+
+def test_perfetto_trace_has_a_misc_current_counter_per_cgroup():
+    from vepc.observe.trace import chrome_trace
+    from vepc.scenario.runner import run_scenario
+    from vepc.scenario.spec import Scenario
+
+    s = Scenario.from_toml('[host]\nepc = ["8M@0"]\n[[cgroup]]\npath = "/jobs"\nepc_max = "1M"\n'
+                           '[[step]]\ndo = "touch"\nsize = "512K"\ncgroup = "/jobs/a"\n')
+    r = run_scenario(s)
+    assert r.ok and s.host.epc_cgroup                       # a cgroup in the scenario turns the series on
+    trace = chrome_trace(r.timeline, [st.as_dict() for st in r.steps])
+    counters = {}
+    for e in trace["traceEvents"]:
+        if e.get("ph") == "C":
+            counters.setdefault(e["name"], []).append(next(iter(e["args"].values())))
+    assert counters["/jobs/a sgx_epc (MiB)"][-1] == counters["/jobs sgx_epc (MiB)"][-1] == 0.5
+    assert r.to_dict()["steps"][0]["epc_by_cgroup"]["/jobs/a"] == 512 << 10

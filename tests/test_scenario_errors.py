@@ -17,7 +17,7 @@ CASES = {
                           "step 2 (line 8, column 6): malformed TOML: Invalid value"),
     "unknown_step": (VM + '[[step]]\ndo = "start"\nvm = "web"\n[[step]]\ndo = "reboot"\nvm = "web"\n',
                      "step 2: unknown step 'reboot' (expected one of: start, shutdown, kill, reset, enclave, "
-                     "destroy, touch, pressure, expect)"),
+                     "destroy, touch, pressure, limit, expect)"),
     "bad_qemu": ('[[vm]]\nname = "web"\nqemu = "-m 8GB -object memory-backend-epc,id=m0,size=4M"\n',
                  "[[vm]] 'web': qemu-system-x86_64: -m 8GB: Parameter 'size' expects a non-negative number "
                  "below 2^64"),
@@ -25,7 +25,8 @@ CASES = {
     "missing_sgxs": ('[[step]]\ndo = "enclave"\nname = "e1"\nsgxs = "nope.sgxs"\nsig = "nope.sig"\n',
                      "step 1: sgxs: {dir}/nope.sgxs: cannot access: No such file or directory"),
     "unknown_key": ('[[step]]\ndo = "touch"\nsize = "4M"\nsise = 1\n',
-                    "step 1: unknown key 'sise' for a 'touch' step (expected: do, expect_error, name, note, size, vm)"),
+                    "step 1: unknown key 'sise' for a 'touch' step (expected: cgroup, do, expect_error, name, note, size, "
+                    "vm)"),
     "bad_size": ('[[step]]\ndo = "pressure"\nsize = "8MB"\n',
                  "step 1: size: invalid size '8MB' (a number with an optional K, M, G or T suffix)"),
     "destroy_unknown": ('[[step]]\ndo = "destroy"\nname = "ghost"\n',
@@ -37,6 +38,24 @@ CASES = {
     "host_without_sgx": ('[host]\nepc = ["8M@0"]\nflc = false\nkvm = false\n',
                          "[host]: the host kernel cannot use SGX"),
     "kernel_as_float": ('[host]\nkernel = 5.15\n', "[host]: kernel = 5.15: write the version as a string"),
+    # EPC cgroups
+    "cgroup_relative": ('[[cgroup]]\npath = "vms"\n', "[[cgroup]] 1: cgroup path 'vms' must be absolute"),
+    "cgroup_root": ('[[cgroup]]\npath = "/"\nepc_max = "8M"\n', "[[cgroup]] 1: cgroup \"/\" is the root"),
+    "cgroup_dotdot": ('[[cgroup]]\npath = "/a/../b"\n', "[[cgroup]] 1: cgroup path '/a/../b': invalid name '..'"),
+    "cgroup_twice": ('[[cgroup]]\npath = "/a"\n[[cgroup]]\npath = "/a/"\n', "[[cgroup]]: cgroup '/a' is declared twice"),
+    "cgroup_bad_max": ('[[cgroup]]\npath = "/a"\nepc_max = "lots"\n', "[[cgroup]] 1: epc_max: invalid size 'lots'"),
+    "vm_epc_max_without_cgroup": (VM + 'epc_max = "8M"\n', "[[vm]] 'web': 'epc_max' limits the VM's cgroup"),
+    "cgroup_but_series_off": ('[host]\nepc_cgroup = false\n' + VM + 'cgroup = "/vms/web"\n',
+                              "[host]: epc_cgroup = false, but [[vm]] 'web' uses an EPC cgroup"),
+    "limit_without_max": ('[[step]]\ndo = "limit"\ncgroup = "/a"\n', "step 1: a 'limit' step needs 'epc_max'"),
+    "guest_touch_cgroup": (VM + '[[step]]\ndo = "touch"\nvm = "web"\nsize = "1M"\ncgroup = "/a"\n',
+                           "step 1: 'cgroup' places a host process"),
+    "expect_cgroup_nothing": ('[[step]]\ndo = "expect"\ncgroup = "/a"\nnote = "x"\n',
+                              "step 1: 'cgroup' needs a check: epc_current_bytes, epc_peak_bytes or epc_max_events"),
+    "expect_current_without_cgroup": ('[[step]]\ndo = "expect"\nepc_current_bytes = 0\n',
+                                      "step 1: 'epc_current_bytes' is a cgroup's: add cgroup"),
+    "bad_events": ('[[step]]\ndo = "expect"\ncgroup = "/a"\nepc_max_events = -1\n',
+                   "step 1: epc_max_events must be a count"),
 }
 
 

@@ -82,7 +82,21 @@ def check_seed_rfc_v2(doc: dict) -> None:
     assert doc["host"]["free_bytes"] == doc["host"]["epc_bytes"] == 32 * MiB
 
 
+def check_cgroup_limits(doc: dict) -> None:
+    cg = {c["path"]: c for c in doc["cgroups"]}
+    assert vm(doc, "web")["error"].endswith("preallocating memory failed: Bad address")
+    assert cg["/vms/web"]["max"] == 16 * MiB and cg["/vms/web"]["events_max_local"] == 1
+    assert cg["/vms"]["events_max_local"] == 1 and cg["/vms"]["events_max"] == 2     # its own + web's
+    assert cg["/apps"]["peak"] == 8 * MiB and cg["/apps"]["current"] <= 8 * MiB
+    assert "written out by the reclaimer" in doc["steps"][7]["detail"]
+    # a column per cgroup after each step, read from the event stream
+    by_cg = [s["epc_by_cgroup"] for s in doc["steps"]]
+    assert by_cg[2]["/vms/web"] == 12 * MiB and by_cg[-1]["/vms"] == 44 * MiB
+    assert by_cg[-1]["/"] == sum(by_cg[-1][p] for p in ("/vms", "/apps"))
+
+
 CASES = {
+    "cgroup_limits.toml": (0, check_cgroup_limits),
     "seed_rfc_v2.toml": (0, check_seed_rfc_v2),
     "seed_story.toml": (0, check_seed_story),
     "lazy_guest_efault.toml": (0, check_lazy),

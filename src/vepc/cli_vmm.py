@@ -31,8 +31,9 @@ def _fail(message: str) -> None:
     sys.exit(2)
 
 
-def _build_host(host_epc: str, host_kernel: str):
-    """The model host of ``--host-epc`` / ``--host-kernel``; a bad value is one line naming its option."""
+def _build_host(host_epc: str, host_kernel: str, epc_cgroup: bool = False):
+    """The model host of ``--host-epc`` / ``--host-kernel``; a bad value is one line naming its option.
+    ``epc_cgroup``: the host kernel carries the EPC cgroup series."""
     from vepc.kernel.kernel import SgxUnavailable, parse_version
     from vepc.machine import Machine
 
@@ -41,7 +42,8 @@ def _build_host(host_epc: str, host_kernel: str):
     except ValueError as e:
         _fail(f"--host-kernel: {e}")
     try:
-        return Machine.build(epc=[s for s in host_epc.split(",") if s], kernel_version=host_kernel)
+        return Machine.build(epc=[s for s in host_epc.split(",") if s], kernel_version=host_kernel,
+                             epc_cgroup=epc_cgroup)
     except (ValueError, SgxUnavailable) as e:
         _fail(f"--host-epc: {e}")
 
@@ -62,8 +64,37 @@ def _print_guest_and_host(host, vm, leaves: dict) -> None:
                f"{c['free'] * 4096 >> 20} MiB free of {c['total'] * 4096 >> 20} MiB")
 
 
+def _cgroup_options(host, cgroup: str | None, epc_max: str | None) -> None:
+    """``--cgroup`` / ``--epc-max``: make the cgroup and write its misc.max (one line, exit 2, if bad)."""
+    from vepc.kernel.misc_cgroup import parse_cgroup_path
+    from vepc.scenario.spec import parse_epc_max
+
+    if cgroup is None:
+        return
+    try:
+        if not parse_cgroup_path(cgroup):
+            _fail("--cgroup: \"/\" is the root cgroup; name one below it, e.g. /vms/web")
+    except ValueError as e:
+        _fail(f"--cgroup: {e}")
+    misc = host.kernel.cgroups.misc
+    misc.mkdir(cgroup, parents=True)
+    if epc_max is not None:
+        try:
+            limit = parse_epc_max(epc_max)
+        except ValueError as e:
+            _fail(f"--epc-max: {e} (or \"max\")")
+        misc.write(cgroup, "misc.max", f"sgx_epc {'max' if limit is None else limit}")
+
+
+def _cgroup_row(host, cgroup: str | None) -> dict | None:
+    """The cgroup's row of ``EpcCgroups.table()`` (None without ``--cgroup``)."""
+    if cgroup is None:
+        return None
+    return next(row for row in host.kernel.cgroups.table() if row["path"] == cgroup)
+
+
 def _boot_qemu(host, argv: list[str], *, qemu_version: str, strict: bool = False, intel_qemu_sgx: bool = False,
-               as_json: bool = False, frontend: str = "qemu") -> None:
+               as_json: bool = False, frontend: str = "qemu", cgroup: str | None = None) -> None:
     """Start a QemuVm from ``argv`` on ``host`` and print what QEMU and the guest see (or QEMU's refusal)."""
     from vepc.kvm import KvmExit, KvmRunError
     from vepc.vmm.errors import QemuError
@@ -72,7 +103,7 @@ def _boot_qemu(host, argv: list[str], *, qemu_version: str, strict: bool = False
     stopped = False
     try:
         vm = QemuVm(host, argv, name="vm", qemu_version=qemu_version, strict=strict,
-                    intel_qemu_sgx=intel_qemu_sgx)
+                    intel_qemu_sgx=intel_qemu_sgx, cgroup=cgroup)
         vm.frontend = frontend
         vm.start()
     except QemuError as e:
@@ -81,6 +112,10 @@ def _boot_qemu(host, argv: list[str], *, qemu_version: str, strict: bool = False
                 click.echo(line, err=True)
             _fail(e.message)
         click.echo(e.report, err=True)
+        row = _cgroup_row(host, cgroup)
+        if row is not None and row["events_max"]:
+            click.echo(f"vepc: host cgroup {cgroup}: misc.events sgx_epc.max {row['events_max']} (the vEPC fault at "
+                       "misc.max had no reclaimable page in the cgroup: -ENOMEM, SIGBUS)", err=True)
         sys.exit(1)
     except (KvmRunError, KvmExit):
         stopped = True                    # the VM stopped (internal-error); QEMU's line is in vm.stderr
@@ -91,7 +126,8 @@ def _boot_qemu(host, argv: list[str], *, qemu_version: str, strict: bool = False
                           "ecx": f"{r[2]:#010x}", "edx": f"{r[3]:#010x}"} for (l, s), r in leaves.items()],
                "frontend": vm.frontend, "state": vm.state, "error": vm.error,
                "epc_committed_bytes": vm.epc_committed_bytes(),
-               "guest_dmesg": vm.guest.dmesg_lines("sgx") if vm.guest else []}
+               "guest_dmesg": vm.guest.dmesg_lines("sgx") if vm.guest else [],
+               "cgroup": _cgroup_row(host, cgroup)}
         click.echo(json.dumps(out, indent=2))
         sys.exit(1 if stopped else 0)
     for line in vm.stderr:
@@ -103,6 +139,11 @@ def _boot_qemu(host, argv: list[str], *, qemu_version: str, strict: bool = False
     click.echo("(qemu) info sgx")
     click.echo(vm.info_sgx())
     _print_guest_and_host(host, vm, leaves)
+    row = _cgroup_row(host, cgroup)
+    if row is not None:
+        mx = "max" if row["max"] is None else f"{row['max'] >> 20} MiB"
+        click.echo(f"host cgroup {cgroup}: misc.current {row['current'] >> 20} MiB, misc.max {mx}, "
+                   f"misc.events sgx_epc.max {row['events_max']}")
     if stopped:
         sys.exit(1)
 
@@ -118,9 +159,13 @@ def register(cli: click.Group) -> None:
     @click.option("--strict", is_flag=True,
                   help="Refuse options the model accepts but ignores, and EPC for a guest that cannot have SGX.")
     @click.option("--intel-qemu-sgx", is_flag=True, help="Accept -sgx-epc of the pre-upstream intel/qemu-sgx tree.")
+    @click.option("--cgroup", metavar="PATH", default=None,
+                  help="Run QEMU in this host cgroup (the host kernel then carries the EPC cgroup series).")
+    @click.option("--epc-max", metavar="SIZE", default=None,
+                  help='misc.max of --cgroup for sgx_epc: bytes with K/M/G/T, or "max".')
     @click.argument("qemu_args", nargs=-1, type=click.UNPROCESSED)
     def qemu_cmd(host_epc: str, host_kernel: str, as_json: bool, qemu_version: str, strict: bool,
-                 intel_qemu_sgx: bool, qemu_args: tuple[str, ...]) -> None:
+                 intel_qemu_sgx: bool, cgroup: str | None, epc_max: str | None, qemu_args: tuple[str, ...]) -> None:
         """Boot a VM from QEMU options on a model host; print `info sgx` and the guest's CPUID 0x12.
 
         \b
@@ -131,13 +176,16 @@ def register(cli: click.Group) -> None:
         """
         if not qemu_args:
             _fail("qemu: no QEMU options given (put them after --)")
-        host = _build_host(host_epc, host_kernel)
+        if epc_max is not None and cgroup is None:
+            _fail("--epc-max limits QEMU's cgroup: add --cgroup PATH (e.g. --cgroup /vms/web)")
+        host = _build_host(host_epc, host_kernel, epc_cgroup=cgroup is not None)
         try:
             QemuVersion.parse(qemu_version)
         except ValueError as e:
             _fail(f"--qemu-version: {e}")
+        _cgroup_options(host, cgroup, epc_max)
         _boot_qemu(host, list(qemu_args), qemu_version=qemu_version, strict=strict,
-                   intel_qemu_sgx=intel_qemu_sgx, as_json=as_json)
+                   intel_qemu_sgx=intel_qemu_sgx, as_json=as_json, cgroup=cgroup)
 
     @cli.command("cloud-hypervisor", context_settings={"ignore_unknown_options": True,
                                                        "allow_interspersed_args": False})

@@ -71,6 +71,7 @@ class EventKind(enum.IntEnum):
     CGROUP_UNCHARGE = 61      # count = pages uncharged
     CGROUP_MAX = 62           # misc_cg_event: a charge hit a limit here (misc.events max); text = path
     CGROUP_RECLAIM = 63       # a reclaim round on the cgroup's LRU; count = pages off the LRU, arg = root id
+    CGROUP_CREATE = 64        # a cgroup with the sgx_epc resource; arg = parent's id (0: the root), text = path
 
 
 class Event(NamedTuple):

@@ -105,6 +105,8 @@ class EpcCgroups:
         sg = SgxCgroup(len(self.by_id), cg, lru)
         self.by_id.append(sg)
         cg.priv[SGX_EPC] = sg
+        parent = self.of(cg.parent).id if cg.parent is not None else 0
+        self.kernel.events.emit(EventKind.CGROUP_CREATE, owner=sg.id, arg=parent, text=cg.path)
         return sg
 
     def _alloc(self, cg: MiscCgroup) -> None:
@@ -241,7 +243,7 @@ class EpcCgroups:
             sg = self._next_get(root)
             before = len(sg.lru)
             cnt += drv.reclaim_pages(sg.lru) if drv is not None else 0
-            if sg.lru is not None and before:
+            if before:
                 self.kernel.events.emit(EventKind.CGROUP_RECLAIM, owner=sg.id, count=before - len(sg.lru),
                                         arg=root.id)
             rounds += 1

@@ -85,6 +85,37 @@ def _by_owner_table(doc: dict) -> Table | None:
     return t
 
 
+def _cgroup_steps_table(doc: dict) -> Table | None:
+    """misc.current of each EPC cgroup after each step: a column per cgroup (MiB)."""
+    rows = [s for s in doc["steps"] if s.get("epc_by_cgroup")]
+    if not rows:
+        return None
+    paths = list(rows[-1]["epc_by_cgroup"])
+    t = Table()
+    t.add_column("#", justify="right")
+    for p in paths:
+        t.add_column(p, justify="right")
+    for s in rows:
+        t.add_row(str(s["index"]), *[f"{s['epc_by_cgroup'].get(p, 0) / (1 << 20):.2f}".rstrip("0").rstrip(".")
+                                     for p in paths])
+    return t
+
+
+def _cgroup_table(doc: dict) -> Table | None:
+    """The EPC cgroups at the end: misc.current, misc.max, misc.peak, misc.events max."""
+    cgs = doc.get("cgroups")
+    if not cgs:
+        return None
+    t = Table()
+    for col in ("cgroup", "misc.current", "misc.max", "misc.peak", "max events", "reclaimable pages", "tasks"):
+        t.add_column(col, justify="left" if col == "cgroup" else "right")
+    for c in cgs:
+        ev = Text(str(c["events_max"]), style="bold red" if c["events_max"] else "")
+        t.add_row(c["path"], _mib(c["current"]), "max" if c["max"] is None else _mib(c["max"]), _mib(c["peak"]),
+                  ev if c["path"] != "/" else "-", str(c["reclaimable_pages"]), str(len(c["procs"])))
+    return t
+
+
 def _host_table(doc: dict) -> Table:
     h = doc["host"]
     t = Table()
@@ -137,6 +168,8 @@ def report_renderables(doc: dict, *, verbose: bool = False) -> list[Any]:
         ("Host EPC by owner after each step (MiB; read from the event stream)", _by_owner_table(doc)),
         (f"Host EPC at the end: {_mib(h['epc_bytes'])}, {_mib(h['free_bytes'])} free, zombie SECS "
          f"{h['zombie_secs']}, poisoned {_mib(h['poisoned_bytes'])} (kernel {h['kernel']})", _host_table(doc)),
+        ("EPC cgroups after each step (misc.current, MiB; read from the event stream)", _cgroup_steps_table(doc)),
+        ("EPC cgroups at the end (sgx_epc; the EPC cgroup series, not mainline)", _cgroup_table(doc)),
         ("VMs", _vm_table(doc)),
         ("Enclaves", _enclave_table(doc)),
     )

@@ -39,13 +39,15 @@ from vepc.observe.recorder import (
     Recorder,
 )
 
-__all__ = ["Timeline", "Notable", "build_timeline", "display_times", "event_rows", "PER_PAGE_KINDS"]
+__all__ = ["Timeline", "Notable", "build_timeline", "display_times", "event_rows", "PER_PAGE_KINDS",
+           "cgroup_series"]
 
 #: Kinds that happen per page (or per batch of pages): counted, not listed one by one in tables.
 PER_PAGE_KINDS = frozenset({
     EventKind.ENCLS, EventKind.EENTER, EventKind.EEXIT, EventKind.AEX, EventKind.EPC_ALLOC, EventKind.EPC_FREE,
     EventKind.VEPC_FAULT, EventKind.VEPC_EREMOVE, EventKind.ENCL_ADD, EventKind.RECLAIM_EWB,
-    EventKind.RECLAIM_ELDU, EventKind.EPT_VIOLATION, EventKind.KVM_EXIT,
+    EventKind.RECLAIM_ELDU, EventKind.EPT_VIOLATION, EventKind.KVM_EXIT, EventKind.CGROUP_CHARGE,
+    EventKind.CGROUP_UNCHARGE, EventKind.CGROUP_RECLAIM, EventKind.CGROUP_CREATE,
 })
 
 _ALLOC, _FREE, _POISON, _ZOMBIE = int(EventKind.EPC_ALLOC), int(EventKind.EPC_FREE), int(EventKind.EPC_POISON), \
@@ -373,3 +375,42 @@ def build_timeline(rec: Recorder) -> Timeline:
     return Timeline(groups, rp.nodes, np.array(samples_ns), np.array(samples_seq), pages, free_by_node, final,
                     dict(rp.free), disp, steps, resident, list(dict.fromkeys(rp.warnings)), rec.total_pages, notable,
                     rows, dict(guest))
+
+
+def cgroup_series(tl: Timeline) -> dict[str, list[tuple[float, int]]]:
+    """``misc.current`` of every host EPC cgroup, in pages, over scenario time: replayed from
+    ``CGROUP_CREATE`` (the tree) and ``CGROUP_CHARGE`` / ``CGROUP_UNCHARGE`` (a charge counts in the cgroup
+    and each ancestor, as ``misc_cg_try_charge`` does). Empty without the EPC cgroup.
+
+    >>> from vepc.machine import Machine
+    >>> from vepc.observe.recorder import Recorder
+    >>> m = Machine.build(epc=["1M@0"], epc_cgroup=True); rec = Recorder(m); m.events.advance(1_000)
+    >>> list(cgroup_series(build_timeline(rec)))
+    ['/']
+    """
+    create, charge, uncharge = int(EventKind.CGROUP_CREATE), int(EventKind.CGROUP_CHARGE), \
+        int(EventKind.CGROUP_UNCHARGE)
+    parent: dict[int, int] = {}
+    path: dict[int, str] = {}
+    usage: dict[int, int] = {}
+    out: dict[str, list[tuple[float, int]]] = {}
+    for seq, r in enumerate(tl.rows):
+        kind = r[1]
+        if kind not in (create, charge, uncharge) or seq in tl.sources:
+            continue
+        cid = r[2]
+        ns = float(tl.display_ns[seq])
+        if kind == create:
+            parent[cid], path[cid], usage[cid] = r[5], r[7] or "?", 0
+            out.setdefault(path[cid], []).append((ns, 0))
+            continue
+        delta = r[4] if kind == charge else -r[4]
+        while cid:
+            usage[cid] = usage.get(cid, 0) + delta
+            series = out.setdefault(path.get(cid, "?"), [])
+            if series and int(series[-1][0] // 1000) == int(ns // 1000):
+                series[-1] = (ns, usage[cid])
+            else:
+                series.append((ns, usage[cid]))
+            cid = parent.get(cid, 0)
+    return out

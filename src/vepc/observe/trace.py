@@ -12,7 +12,9 @@ Tracks (one "process" each in the JSON trace format, ``ph`` "M" names them):
 * **VM NAME** -- per VM: a "running" slice (``VM_START`` to ``VM_STOP``), instants for reset,
   ``SGX_IOC_VEPC_REMOVE_ALL`` and zombie SECS pages, a counter of the EPC committed to it; its guest
   kernel's own events on a second thread;
-* **host kernel** -- WARNs, SIGBUS, failed allocations, process exits.
+* **host kernel** -- WARNs, SIGBUS, failed allocations, process exits;
+* **EPC cgroups (misc.current)** -- with the EPC cgroup series: a counter per cgroup (MiB), from
+  :func:`~vepc.observe.timeline.cgroup_series`.
 
 Everything is read from the :class:`~vepc.observe.timeline.Timeline` (itself read from the event stream);
 timestamps are scenario time in microseconds.
@@ -28,11 +30,11 @@ from typing import Any
 
 from vepc.arch.constants import PAGE_SIZE
 from vepc.observe.recorder import GROUP_FREE, GROUP_HOST_ENCLAVES, GROUP_VA
-from vepc.observe.timeline import Timeline
+from vepc.observe.timeline import Timeline, cgroup_series
 
 __all__ = ["chrome_trace", "write_trace"]
 
-_PID_SCENARIO, _PID_EPC, _PID_ENCLAVES, _PID_RECLAIM, _PID_KERNEL, _PID_VM0 = 1, 2, 3, 4, 5, 10
+_PID_SCENARIO, _PID_EPC, _PID_ENCLAVES, _PID_RECLAIM, _PID_KERNEL, _PID_CGROUPS, _PID_VM0 = 1, 2, 3, 4, 5, 6, 10
 _KERNEL_KINDS = {"WARN", "SIGBUS", "EPC_ALLOC_FAIL", "PROCESS_EXIT", "EPC_POISON", "EPC_SANITIZE"}
 
 
@@ -130,6 +132,13 @@ def chrome_trace(tl: Timeline, steps: list[dict] | None = None, *, title: str | 
         if g == GROUP_FREE or not tl.pages[g].any():
             continue
         _counter_series(b, _PID_EPC, f"{g} (MiB)", xs, [_mib(int(v)) for v in tl.pages[g]])
+    # EPC cgroups (the series): misc.current of each cgroup.
+    cg = cgroup_series(tl)
+    if len(cg) > 1 or any(v for s in cg.values() for _, v in s):
+        b.meta(_PID_CGROUPS, "EPC cgroups (misc.current)", 5)
+        for path, series in cg.items():
+            _counter_series(b, _PID_CGROUPS, f"{path} sgx_epc (MiB)", [x for x, _ in series],
+                            [_mib(v) for _, v in series])
 
     # Host enclaves: lifetimes and resident pages.
     tids: dict[str, int] = {}

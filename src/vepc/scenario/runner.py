@@ -41,6 +41,7 @@ from vepc.events import EventKind
 from vepc.kernel.epc_pool import PAGE_IS_FREE, PAGE_POISON
 from vepc.kernel.invariants import check
 from vepc.observe.recorder import GROUP_HOST_ENCLAVES, Recorder, STEP_NS
+from vepc.observe.timeline import cgroup_series
 from vepc.scenario.spec import Scenario, ScenarioError, Step
 
 __all__ = ["run_scenario", "ScenarioRunner", "RunResult", "StepResult", "EnclaveRecord", "StepFailure",
@@ -139,6 +140,16 @@ def _os_message(e: OSError) -> str:
         text = text.replace(f"ioctl {getattr(ioctl_numbers, ioc):#x}", ioc)
     base, _, what = text.partition(": ")
     return f"{name} ({base})" + (f": {what}" if what else "")
+
+
+def _value_at(series: list[tuple[float, int]], ns: float) -> int:
+    """The last value of a (time, value) series at or before ``ns`` (0 before the first)."""
+    v = 0
+    for t, x in series:
+        if t > ns:
+            break
+        v = x
+    return v
 
 
 @dataclass
@@ -254,9 +265,13 @@ class RunResult:
         tl = self.timeline
         by_owner = {g: n * PAGE_SIZE for g, n in tl.final.items() if n or g == "free"}
         steps = []
+        cg_series = cgroup_series(tl) if k.cgroups is not None else {}
         for s in self.steps:
             d = s.as_dict()
             d["epc_by_owner"] = {g: n * PAGE_SIZE for g, n in tl.at_step_end(s.index).items() if n or g == "free"}
+            if cg_series:
+                end = next(e for i, _l, _s, e in tl.steps if i == s.index)
+                d["epc_by_cgroup"] = {path: _value_at(series, end) * PAGE_SIZE for path, series in cg_series.items()}
             steps.append(d)
         return {
             "scenario": {"file": self.scenario.source, "title": self.scenario.title, "steps": len(self.steps)},
@@ -269,6 +284,7 @@ class RunResult:
             "steps": steps,
             "invariants": {"ok": not self.violations, "violations": list(self.violations), "idle": self.idle},
             "epc_by_owner": by_owner,
+            "cgroups": k.cgroups.table() if k.cgroups is not None else None,
             "warnings": m.events.warnings(),
             "events": len(m.events),
             "event_totals": dict(sorted(m.events.totals().items())),
@@ -301,9 +317,30 @@ class ScenarioRunner:
 
         h = self.scenario.host
         try:
-            return Machine.build(epc=list(h.epc), kernel_version=h.kernel, sgx2=h.sgx2, flc=h.flc, vmx=h.kvm)
+            m = Machine.build(epc=list(h.epc), kernel_version=h.kernel, sgx2=h.sgx2, flc=h.flc, vmx=h.kvm,
+                              epc_cgroup=h.epc_cgroup)
         except SgxUnavailable as e:
             raise ScenarioError(self.scenario.source, "[host]", f"the host kernel cannot use SGX: {e}") from None
+        for c in self.scenario.cgroups:                  # [[cgroup]]: made at boot, before any step
+            m.kernel.cgroups.misc.mkdir(c.path, parents=True)
+            self._write_max(m.kernel, c.path, c.epc_max)
+        return m
+
+    @staticmethod
+    def _write_max(kernel, path: str, epc_max: int | None) -> None:
+        """``echo "sgx_epc N" > misc.max`` (or "max")."""
+        try:
+            kernel.cgroups.misc.write(path, "misc.max", f"sgx_epc {'max' if epc_max is None else epc_max}")
+        except OSError as e:
+            raise StepFailure(f"{path}/misc.max: {_os_message(e)}") from None
+
+    def _enter_cgroup(self, proc, path: str | None) -> None:
+        """Move a host process into ``path`` (created with its parents if missing), as a launcher would."""
+        if path is None:
+            return
+        misc = self.machine.kernel.cgroups.misc
+        misc.mkdir(path, parents=True)
+        misc.attach(proc, path)
 
     def run(self) -> RunResult:
         """Boot the host, run every step, check the invariants; bad host input raises ScenarioError."""
@@ -432,8 +469,12 @@ class ScenarioRunner:
         spec = rt.spec
         args = list(spec.qemu) if isinstance(spec.qemu, tuple) else spec.qemu
         with self.rec.acting(step.vm):
+            if spec.cgroup is not None:
+                self.machine.kernel.cgroups.misc.mkdir(spec.cgroup, parents=True)
+                if spec.epc_max is not None:
+                    self._write_max(self.machine.kernel, spec.cgroup, spec.epc_max)
             try:
-                q = QemuVm(self.machine, args, name=step.vm, guest_kernel=spec.guest_kernel)
+                q = QemuVm(self.machine, args, name=step.vm, guest_kernel=spec.guest_kernel, cgroup=spec.cgroup)
             except QemuError as e:
                 rt.error = str(e)
                 raise StepFailure(str(e)) from None
@@ -542,6 +583,7 @@ class ScenarioRunner:
                 if "/dev/sgx_enclave" not in kernel.devices:
                     raise StepFailure("the host has no /dev/sgx_enclave (the SGX driver needs FLC)")
                 proc = kernel.spawn(f"app:{step.name}", node=step.node)
+                self._enter_cgroup(proc, step.cgroup)
                 rec.proc, rec.kernel = proc, kernel
                 with self.rec.acting(GROUP_HOST_ENCLAVES, label=step.name):
                     try:
@@ -626,6 +668,7 @@ class ScenarioRunner:
         length = -(-step.size // PAGE_SIZE) * PAGE_SIZE
         with self.rec.acting(f"{step.name} (host vepc)"):
             proc = kernel.spawn(step.name)
+            self._enter_cgroup(proc, step.cgroup)
             fd = proc.open(kernel.vepc_device)
             addr = proc.mmap(length, flags=MAP_SHARED, fd=fd)
             user = _VepcUser(step.name, proc, fd, length)
@@ -652,6 +695,7 @@ class ScenarioRunner:
         vm_before = {n: (rt.qemu.epc_committed_bytes() if rt.qemu is not None else 0)
                      for n, rt in self.result.vms.items()}
         proc = kernel.spawn(step.name)
+        self._enter_cgroup(proc, step.cgroup)
         chunks = []
         left = step.size
         while left > 0:
@@ -677,6 +721,15 @@ class ScenarioRunner:
                     for n, rt in self.result.vms.items()}
         vm_note = "VM pages unchanged" if vm_after == vm_before else "VM pages changed"
         return f"{built} enclaves built; {ewb} pages written out by the reclaimer (EWB); {vm_note}"
+
+    def _do_limit(self, step: Step) -> str:
+        """Write the cgroup's misc.max (creating it if missing): takes effect at once, reclaims nothing."""
+        kernel = self.machine.kernel
+        kernel.cgroups.misc.mkdir(step.cgroup, parents=True)
+        self._write_max(kernel, step.cgroup, step.epc_max)
+        cur = kernel.cgroups.misc.lookup(step.cgroup).res["sgx_epc"].usage
+        return f"{step.cgroup}: misc.max {'max' if step.epc_max is None else _size(step.epc_max)}, " \
+               f"misc.current {_size(cur)}"
 
     # -- expectations -------------------------------------------------------------------------------
     def _do_expect(self, step: Step) -> str:
@@ -726,6 +779,18 @@ class ScenarioRunner:
                     seen.append(f"error={got!r}")
                     if ex["error"] not in got:
                         bad.append(f"enclave {rec.name} error: expected to contain {ex['error']!r}, got {got or None!r}")
+        if "cgroup" in ex:
+            try:
+                res = kernel.cgroups.misc.lookup(ex["cgroup"]).res["sgx_epc"]
+            except OSError:
+                bad.append(f"cgroup {ex['cgroup']}: no such cgroup")
+            else:
+                if "epc_current_bytes" in ex:
+                    compare("epc_current_bytes", ex["epc_current_bytes"], res.usage)
+                if "epc_peak_bytes" in ex:
+                    compare("epc_peak_bytes", ex["epc_peak_bytes"], res.watermark)
+                if "epc_max_events" in ex:
+                    compare("epc_max_events", ex["epc_max_events"], res.events)
         if "error" in ex and "enclave" not in ex:
             got = r.vm_error(step.vm) or ""
             seen.append(f"error={got!r}")

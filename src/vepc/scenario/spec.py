@@ -33,11 +33,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ScenarioError", "HostSpec", "VmSpec", "Step", "Scenario", "STEP_KINDS", "VM_STATES",
-           "ENCLAVE_STATES", "parse_size"]
+__all__ = ["ScenarioError", "HostSpec", "VmSpec", "CgroupSpec", "Step", "Scenario", "STEP_KINDS", "VM_STATES",
+           "ENCLAVE_STATES", "parse_size", "parse_epc_max"]
 
 #: Step kinds, in the order the documentation lists them.
-STEP_KINDS = ("start", "shutdown", "kill", "reset", "enclave", "destroy", "touch", "pressure", "expect")
+STEP_KINDS = ("start", "shutdown", "kill", "reset", "enclave", "destroy", "touch", "pressure", "limit", "expect")
 #: What ``expect.state`` may ask for (a VM never started counts as stopped).
 VM_STATES = ("running", "stopped", "failed")
 #: What ``expect.enclave_state`` may ask for.
@@ -49,16 +49,18 @@ _KEYS = {
     "shutdown": set(),
     "kill": set(),
     "reset": set(),
-    "enclave": {"name", "sgxs", "sig", "size", "node", "add_node"},
+    "enclave": {"name", "sgxs", "sig", "size", "node", "add_node", "cgroup"},
     "destroy": {"name"},
-    "touch": {"size", "name"},
-    "pressure": {"size", "name"},
+    "touch": {"size", "name", "cgroup"},
+    "pressure": {"size", "name", "cgroup"},
+    "limit": {"cgroup", "epc_max"},
     "expect": {"state", "free_bytes", "zombie_secs", "enclave", "enclave_state", "error", "epc_committed_bytes",
-               "mrenclave", "mrsigner"},
+               "mrenclave", "mrsigner", "cgroup", "epc_current_bytes", "epc_peak_bytes", "epc_max_events"},
 }
-_HOST_KEYS = {"epc", "sgx2", "flc", "kvm", "kernel"}
-_VM_KEYS = {"name", "qemu", "guest_kernel"}
-_TOP_KEYS = {"title", "description", "host", "vm", "step"}
+_HOST_KEYS = {"epc", "sgx2", "flc", "kvm", "kernel", "epc_cgroup"}
+_VM_KEYS = {"name", "qemu", "guest_kernel", "cgroup", "epc_max"}
+_CGROUP_KEYS = {"path", "epc_max"}
+_TOP_KEYS = {"title", "description", "host", "vm", "step", "cgroup"}
 
 
 class ScenarioError(ValueError):
@@ -101,24 +103,48 @@ def parse_size(value: Any) -> int:
     raise ValueError(f"expected a size, got {value!r}")
 
 
+def parse_epc_max(value: Any) -> int | None:
+    """An ``epc_max``: a size (bytes, K/M/G/T suffixes) or ``"max"`` (None: no limit, misc.c's "max").
+
+    >>> parse_epc_max("64M"), parse_epc_max("max")
+    (67108864, None)
+    """
+    if value == "max":
+        return None
+    return parse_size(value)
+
+
 @dataclass(frozen=True)
 class HostSpec:
-    """``[host]``: EPC sections as SIZE@NODE in CPUID order, CPU features and the kernel version."""
+    """``[host]``: EPC sections as SIZE@NODE in CPUID order, CPU features, the kernel version and whether
+    it carries the EPC cgroup series (``epc_cgroup``; on by itself when the scenario uses a cgroup)."""
 
     epc: tuple[str, ...] = ("64M@0", "64M@1")
     sgx2: bool = True
     flc: bool = True
     kvm: bool = True
     kernel: str = "6.8"
+    epc_cgroup: bool = False
+
+
+@dataclass(frozen=True)
+class CgroupSpec:
+    """``[[cgroup]]``: a cgroup created at boot (with its parents) and its ``misc.max`` (None: "max")."""
+
+    path: str
+    epc_max: int | None = None
 
 
 @dataclass(frozen=True)
 class VmSpec:
-    """``[[vm]]``: a name and QEMU's command line (checked by :func:`vepc.vmm.options.parse_qemu_args`)."""
+    """``[[vm]]``: a name and QEMU's command line (checked by :func:`vepc.vmm.options.parse_qemu_args`);
+    ``cgroup`` is where QEMU runs (created if missing), ``epc_max`` that cgroup's limit."""
 
     name: str
     qemu: str | tuple[str, ...]
     guest_kernel: str = "6.8"
+    cgroup: str | None = None
+    epc_max: int | None = None
 
 
 @dataclass(frozen=True)
@@ -134,6 +160,8 @@ class Step:
     sig: Path | None = None
     node: int = 0
     add_node: int | None = None
+    cgroup: str | None = None
+    epc_max: int | None = None
     expect: dict[str, Any] = field(default_factory=dict)
     expect_error: str | None = None
     note: str | None = None
@@ -153,8 +181,10 @@ class Step:
             return f"enclave {self.name}{where} ({what})"
         if self.do == "destroy":
             return f"destroy {self.name}"
+        if self.do == "limit":
+            return f"limit {self.cgroup} to {'max' if self.epc_max is None else _mib(self.epc_max)}"
         if self.do in ("touch", "pressure"):
-            return f"{self.do} {_mib(self.size)}{where}"
+            return f"{self.do} {_mib(self.size)}{where}" + (f" in {self.cgroup}" if self.cgroup else "")
         def show(k: str, v: Any) -> str:
             if k.endswith("_bytes"):
                 return _mib(v)
@@ -186,6 +216,7 @@ class Scenario:
     base_dir: Path = Path(".")
     title: str | None = None
     description: str | None = None
+    cgroups: tuple[CgroupSpec, ...] = ()
 
     # -- loading ------------------------------------------------------------------------------
     @classmethod
@@ -251,8 +282,17 @@ class _Checker:
     def scenario(self, data: dict) -> Scenario:
         unknown = sorted(set(data) - _TOP_KEYS)
         if unknown:
-            raise self.fail(None, f"unknown top-level key {unknown[0]!r} (expected: host, vm, step, title, description)")
+            raise self.fail(None, f"unknown top-level key {unknown[0]!r} "
+                                  "(expected: host, cgroup, vm, step, title, description)")
         host = self.host(data.get("host", {}))
+        cg_list = data.get("cgroup", [])
+        if not isinstance(cg_list, list):
+            raise self.fail("[[cgroup]]", "'cgroup' must be an array of tables ([[cgroup]])")
+        cgroups = tuple(self.cgroup_table(i, raw) for i, raw in enumerate(cg_list, 1))
+        seen = [c.path for c in cgroups]
+        for p in seen:
+            if seen.count(p) > 1:
+                raise self.fail("[[cgroup]]", f"cgroup {p!r} is declared twice")
         vm_list = data.get("vm", [])
         if not isinstance(vm_list, list):
             raise self.fail("[[vm]]", "'vm' must be an array of tables ([[vm]])")
@@ -275,7 +315,44 @@ class _Checker:
         for key, val in (("title", title), ("description", desc)):
             if val is not None and not isinstance(val, str):
                 raise self.fail(None, f"{key!r} must be a string")
-        return Scenario(host, vms, steps, self.source, self.base_dir, title, desc)
+        used = [f"[[cgroup]] {c.path!r}" for c in cgroups] + \
+            [f"[[vm]] {v.name!r}" for v in vms.values() if v.cgroup] + [f"step {st.index}" for st in steps if st.cgroup]
+        if used:
+            if isinstance(data.get("host"), dict) and data["host"].get("epc_cgroup") is False:
+                raise self.fail("[host]", f"epc_cgroup = false, but {used[0]} uses an EPC cgroup")
+            from dataclasses import replace
+
+            host = replace(host, epc_cgroup=True)
+        return Scenario(host, vms, steps, self.source, self.base_dir, title, desc, cgroups)
+
+    def cgroup_path(self, where: str, value: Any) -> str:
+        from vepc.kernel.misc_cgroup import parse_cgroup_path
+
+        try:
+            parts = parse_cgroup_path(value)
+        except ValueError as e:
+            raise self.fail(where, str(e)) from None
+        if not parts:
+            raise self.fail(where, "cgroup \"/\" is the root: it has no misc.max; name a cgroup below it")
+        return "/" + "/".join(parts)
+
+    def epc_max(self, where: str, raw: dict) -> int | None:
+        try:
+            return parse_epc_max(raw["epc_max"])
+        except ValueError as e:
+            raise self.fail(where, f"epc_max: {e} (or \"max\" for no limit)") from None
+
+    def cgroup_table(self, i: int, raw: Any) -> CgroupSpec:
+        where = f"[[cgroup]] {i}"
+        if not isinstance(raw, dict):
+            raise self.fail(where, "each [[cgroup]] must be a table")
+        unknown = sorted(set(raw) - _CGROUP_KEYS)
+        if unknown:
+            raise self.fail(where, f"unknown key {unknown[0]!r} (expected: {', '.join(sorted(_CGROUP_KEYS))})")
+        if "path" not in raw:
+            raise self.fail(where, "'path' is required, e.g. path = \"/vms\"")
+        path = self.cgroup_path(where, raw["path"])
+        return CgroupSpec(path, self.epc_max(where, raw) if "epc_max" in raw else None)
 
     def host(self, raw: Any) -> HostSpec:
         from vepc.kernel.kernel import parse_version
@@ -297,6 +374,9 @@ class _Checker:
         except ValueError as e:
             raise self.fail(where, str(e)) from None
         flags = {}
+        cg = raw.get("epc_cgroup", False)
+        if not isinstance(cg, bool):
+            raise self.fail(where, f"'epc_cgroup' must be true or false, not {cg!r}")
         for key in ("sgx2", "flc", "kvm"):
             val = raw.get(key, True)
             if not isinstance(val, bool):
@@ -311,7 +391,7 @@ class _Checker:
             parse_version(kernel)
         except ValueError as e:
             raise self.fail(where, str(e)) from None
-        return HostSpec(tuple(epc), flags["sgx2"], flags["flc"], flags["kvm"], kernel)
+        return HostSpec(tuple(epc), flags["sgx2"], flags["flc"], flags["kvm"], kernel, cg)
 
     def vm(self, i: int, raw: Any, host: HostSpec) -> VmSpec:
         from vepc.kernel.kernel import parse_version
@@ -349,7 +429,11 @@ class _Checker:
             parse_version(guest_kernel)
         except ValueError as e:
             raise self.fail(where, str(e)) from None
-        return VmSpec(name, qemu, guest_kernel)
+        cgroup = self.cgroup_path(where, raw["cgroup"]) if "cgroup" in raw else None
+        if "epc_max" in raw and cgroup is None:
+            raise self.fail(where, "'epc_max' limits the VM's cgroup: add cgroup = \"/vms/NAME\"")
+        epc_max = self.epc_max(where, raw) if "epc_max" in raw else None
+        return VmSpec(name, qemu, guest_kernel, cgroup, epc_max)
 
     # -- steps ----------------------------------------------------------------------------------
     def step(self, i: int, raw: Any, vms: dict[str, VmSpec], defined: set[str]) -> Step:
@@ -381,6 +465,18 @@ class _Checker:
             kw[key] = val
         if do in ("start", "shutdown", "kill", "reset") and vm is None:
             raise self.fail(where, f"a {do!r} step needs 'vm' (the host itself cannot {do})")
+        if "cgroup" in raw:
+            if do in ("enclave", "touch") and vm is not None:
+                raise self.fail(where, "'cgroup' places a host process; a guest's processes are in the VM's "
+                                       "cgroup on the host already (set [[vm]] cgroup)")
+            kw["cgroup"] = self.cgroup_path(where, raw["cgroup"])
+        if do == "limit":
+            if vm is not None:
+                raise self.fail(where, "'limit' writes a host cgroup's misc.max; drop 'vm'")
+            for key in ("cgroup", "epc_max"):
+                if key not in raw:
+                    raise self.fail(where, f"a 'limit' step needs {key!r}")
+            kw["epc_max"] = self.epc_max(where, raw)
         if do == "enclave":
             kw.update(self.enclave(where, raw))
             defined.add(kw["name"])
@@ -510,6 +606,22 @@ class _Checker:
                 if st not in ENCLAVE_STATES:
                     raise self.fail(where, f"enclave_state must be one of {', '.join(ENCLAVE_STATES)}, not {st!r}")
                 out["enclave_state"] = st
+        if "cgroup" in checks:
+            out["cgroup"] = self.cgroup_path(where, checks["cgroup"]) if checks["cgroup"] != "/" else "/"
+            for key in ("epc_current_bytes", "epc_peak_bytes"):
+                if key in checks:
+                    out[key] = self.size(where, checks, key, required=True)
+            if "epc_max_events" in checks:
+                n = checks["epc_max_events"]
+                if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+                    raise self.fail(where, f"epc_max_events must be a count (0, 1, ...), not {n!r}")
+                out["epc_max_events"] = n
+            if not {"epc_current_bytes", "epc_peak_bytes", "epc_max_events"} & set(checks):
+                raise self.fail(where, "'cgroup' needs a check: epc_current_bytes, epc_peak_bytes or epc_max_events")
+        else:
+            for key in ("epc_current_bytes", "epc_peak_bytes", "epc_max_events"):
+                if key in checks:
+                    raise self.fail(where, f"{key!r} is a cgroup's: add cgroup = \"/PATH\"")
         if "error" in checks:
             if not isinstance(checks["error"], str):
                 raise self.fail(where, "'error' must be a string (a part of the expected error)")

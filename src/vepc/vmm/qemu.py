@@ -83,8 +83,11 @@ class QemuVm:
     def __init__(self, host, args: str | list[str], name: str | None = None, *, guest_kernel: str = "6.8",
                  boot_guest: bool = True, qemu_7_1_xfrm_bug: bool = False,
                  qemu_version: str | QemuVersion = DEFAULT_QEMU_VERSION, strict: bool = False,
-                 intel_qemu_sgx: bool = False) -> None:
+                 intel_qemu_sgx: bool = False, cgroup: str | None = None) -> None:
         self.host = host
+        #: the host cgroup QEMU runs in (what libvirt's machine scope or ``vepc qemu --cgroup`` gives it):
+        #: with the EPC cgroup series its vEPC pages are charged there
+        self.cgroup = cgroup
         self.kernel = host.kernel
         self.events = self.kernel.events
         # QEMU opens the host's virtual EPC device: /dev/sgx_vepc, or /dev/sgx_virt_epc on a host running
@@ -120,6 +123,9 @@ class QemuVm:
         """Launch QEMU. On a fatal error the process exits (its EPC is released) and ``state`` is
         "failed" with QEMU's message in ``error``; the error is also raised as :class:`QemuError`."""
         self.proc = self.kernel.spawn("qemu-system-x86_64")
+        if self.cgroup is not None:
+            # the launcher moved QEMU into its cgroup before exec: every EPC page it faults is charged there
+            self.kernel.cgroups.misc.attach(self.proc, self.cgroup)
         try:
             self._create_backends()
             self._create_vm()
