@@ -95,8 +95,17 @@ def check_cgroup_limits(doc: dict) -> None:
     assert by_cg[-1]["/"] == sum(by_cg[-1][p] for p in ("/vms", "/apps"))
 
 
+def check_oversubscription(doc: dict) -> None:
+    steps = doc["steps"]
+    assert steps[1]["detail"].startswith("EXPERIMENT: 16 MiB of host EPC released (24 -> 8 MiB committed)")
+    assert steps[3]["epc_by_owner"]["b"] == 20 * MiB and steps[3]["epc_by_owner"]["free"] == 4 * MiB
+    assert steps[6]["detail"] == "failed as expected: error: kvm run failed Bad address"
+    assert doc["event_totals"]["VEPC_BALLOON"] == 4096
+
+
 CASES = {
     "cgroup_limits.toml": (0, check_cgroup_limits),
+    "oversubscription.toml": (0, check_oversubscription),
     "seed_rfc_v2.toml": (0, check_seed_rfc_v2),
     "seed_story.toml": (0, check_seed_story),
     "lazy_guest_efault.toml": (0, check_lazy),

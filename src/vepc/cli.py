@@ -78,11 +78,14 @@ def cli(ctx: click.Context, quiet: bool, verbose: bool) -> None:
 @click.option("--check-every-step", is_flag=True,
               help="Check the EPC invariants of the host and the guest kernels after every step; a violation "
                    "fails the step.")
+@click.option("--compare-upstream", is_flag=True,
+              help="Run it twice, as written and on an upstream host (no experiments: epc_balloon off), and "
+                   "show the steps side by side.")
 @_quiet_option
 @_verbose_option
 @click.pass_context
 def run_cmd(ctx: click.Context, file: str, as_json: bool, trace: str | None, plot: str | None,
-            html_out: str | None, check_every_step: bool, quiet: bool, verbose: bool) -> None:
+            html_out: str | None, check_every_step: bool, compare_upstream: bool, quiet: bool, verbose: bool) -> None:
     """Run a scenario FILE (TOML) on the model and report what happened.
 
     Exit status: 0 when every step and the final invariant check pass, 1 when
@@ -120,6 +123,21 @@ def run_cmd(ctx: click.Context, file: str, as_json: bool, trace: str | None, plo
     except OutputError as e:
         fail(str(e))
     doc = result.to_dict()
+    if compare_upstream:
+        from dataclasses import replace
+
+        from vepc.observe.report import comparison_table
+
+        upstream = replace(scenario, host=replace(scenario.host, epc_balloon=False))
+        try:
+            up_doc = ScenarioRunner(upstream, check_every_step=check_every_step).run().to_dict()
+        except ScenarioError as e:
+            fail(str(e))
+        if as_json:
+            click.echo(json.dumps({"as_written": doc, "upstream": up_doc}, indent=2))
+        elif not quiet:
+            Console().print(comparison_table(doc, up_doc))
+        sys.exit(result.exit_status)
     if as_json:
         click.echo(json.dumps(doc, indent=2))
     elif not quiet:

@@ -48,6 +48,7 @@ class EventKind(enum.IntEnum):
     VEPC_ZOMBIE_FREED = 24
     VEPC_RELEASE = 25
     VEPC_REMOVE_ALL = 26      # arg = return value
+    VEPC_BALLOON = 27         # EXPERIMENT (vepc.vmm.epc_balloon): count = pages a guest gave back to the host
     # kernel: enclaves and reclaim
     ENCL_CREATE = 30
     ENCL_ADD = 31

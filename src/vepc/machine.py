@@ -64,7 +64,7 @@ class Machine:
     def build(cls, epc: list[str] | tuple[str, ...] = ("64M@0",), *, kernel_version: str = "6.8", sgx2: bool = True,
               flc: bool = True, vmx: bool = True, boot: bool = True, seed: int = 0,
               processor: ProcessorConfig | None = None, ram_size: int = 64 << 20,
-              epc_cgroup: bool = False) -> "Machine":
+              epc_cgroup: bool = False, epc_balloon: bool = False) -> "Machine":
         events = EventLog()
         secs = _layout(parse_epc_spec(list(epc)))
         cfg = processor or ProcessorConfig(sections=secs)
@@ -72,7 +72,7 @@ class Machine:
         proc = Processor(cfg, events)
         node_of = {s.base: s.node for s in cfg.sections}
         kernel = Kernel(HostCpu(proc), events, KernelConfig(version=kernel_version, ram_size=ram_size,
-                                                     epc_cgroup=epc_cgroup),
+                                                     epc_cgroup=epc_cgroup, epc_balloon=epc_balloon),
                         platform_node_of=node_of.get)
         m = cls(proc, kernel, events)
         if boot:

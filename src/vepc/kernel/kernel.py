@@ -69,6 +69,8 @@ class KernelConfig:
     ram_size: int = 64 << 20
     #: CONFIG_CGROUP_MISC with the EPC cgroup series applied (not mainline): :mod:`vepc.kernel.epc_cgroup`
     epc_cgroup: bool = False
+    #: EXPERIMENT, not upstream: the host takes back vEPC pages a cooperating guest frees (vepc.vmm.epc_balloon)
+    epc_balloon: bool = False
 
 
 class Kernel:

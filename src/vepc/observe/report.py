@@ -116,6 +116,30 @@ def _cgroup_table(doc: dict) -> Table | None:
     return t
 
 
+def comparison_table(doc: dict, upstream: dict) -> Table:
+    """The steps of two runs of one scenario side by side (``vepc run --compare-upstream``): what each step
+    did and the host EPC free after it, as written (with the experiment) and on an upstream host."""
+    t = Table(title=f"{doc['scenario']['file']}: as written vs upstream", expand=False)
+    t.add_column("#", justify="right")
+    t.add_column("step")
+    for side in ("as written", "upstream"):
+        t.add_column(side, overflow="fold")
+        t.add_column("free", justify="right")
+    for a, b in zip(doc["steps"], upstream["steps"]):
+        cells = []
+        for s in (a, b):
+            mark = Text("✓ ", style="green") if s["ok"] else Text("✗ ", style="bold red")
+            text = s["error"] or s["detail"] or ""
+            cells += [Text.assemble(mark, text[:160]), _mib(s["epc_by_owner"].get("free", 0))]
+        t.add_row(str(a["index"]), a["description"], *cells)
+    def vms(d: dict) -> str:
+        up = [v for v in d["vms"] if v["state"] == "running"]
+        return f"{len(up)} of {len(d['vms'])} VMs running, {_mib(sum(v['epc_committed_bytes'] for v in up))} committed"
+
+    t.caption = f"as written: {summary_line(doc)}, {vms(doc)}; upstream: {summary_line(upstream)}, {vms(upstream)}"
+    return t
+
+
 def _host_table(doc: dict) -> Table:
     h = doc["host"]
     t = Table()

@@ -318,7 +318,7 @@ class ScenarioRunner:
         h = self.scenario.host
         try:
             m = Machine.build(epc=list(h.epc), kernel_version=h.kernel, sgx2=h.sgx2, flc=h.flc, vmx=h.kvm,
-                              epc_cgroup=h.epc_cgroup)
+                              epc_cgroup=h.epc_cgroup, epc_balloon=h.epc_balloon)
         except SgxUnavailable as e:
             raise ScenarioError(self.scenario.source, "[host]", f"the host kernel cannot use SGX: {e}") from None
         for c in self.scenario.cgroups:                  # [[cgroup]]: made at boot, before any step
@@ -721,6 +721,20 @@ class ScenarioRunner:
                     for n, rt in self.result.vms.items()}
         vm_note = "VM pages unchanged" if vm_after == vm_before else "VM pages changed"
         return f"{built} enclaves built; {ewb} pages written out by the reclaimer (EWB); {vm_note}"
+
+    def _do_balloon(self, step: Step) -> str:
+        """EXPERIMENT (vepc.vmm.epc_balloon): the guest gives free EPC back, or takes it all back."""
+        rt, q = self._vm(step)
+        if not self.machine.kernel.config.epc_balloon:
+            raise StepFailure("ENOTTY: the host has no EPC balloon (upstream cannot take EPC back from a running "
+                              "VM; the experiment needs [host] epc_balloon = true)")
+        before = q.epc_committed_bytes()
+        if step.deflate:
+            n = self._call_guest(q, q.balloon_deflate)
+            return f"the guest took {_size(n)} back (allocated on the host again at first use)"
+        released = self._call_guest(q, q.balloon, step.size)
+        return f"EXPERIMENT: {_size(released)} of host EPC released ({before >> 20} -> " \
+               f"{q.epc_committed_bytes() >> 20} MiB committed)"
 
     def _do_limit(self, step: Step) -> str:
         """Write the cgroup's misc.max (creating it if missing): takes effect at once, reclaims nothing."""

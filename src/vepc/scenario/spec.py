@@ -37,7 +37,8 @@ __all__ = ["ScenarioError", "HostSpec", "VmSpec", "CgroupSpec", "Step", "Scenari
            "ENCLAVE_STATES", "parse_size", "parse_epc_max"]
 
 #: Step kinds, in the order the documentation lists them.
-STEP_KINDS = ("start", "shutdown", "kill", "reset", "enclave", "destroy", "touch", "pressure", "limit", "expect")
+STEP_KINDS = ("start", "shutdown", "kill", "reset", "enclave", "destroy", "touch", "pressure", "limit", "balloon",
+              "expect")
 #: What ``expect.state`` may ask for (a VM never started counts as stopped).
 VM_STATES = ("running", "stopped", "failed")
 #: What ``expect.enclave_state`` may ask for.
@@ -54,10 +55,11 @@ _KEYS = {
     "touch": {"size", "name", "cgroup"},
     "pressure": {"size", "name", "cgroup"},
     "limit": {"cgroup", "epc_max"},
+    "balloon": {"size", "deflate"},
     "expect": {"state", "free_bytes", "zombie_secs", "enclave", "enclave_state", "error", "epc_committed_bytes",
                "mrenclave", "mrsigner", "cgroup", "epc_current_bytes", "epc_peak_bytes", "epc_max_events"},
 }
-_HOST_KEYS = {"epc", "sgx2", "flc", "kvm", "kernel", "epc_cgroup"}
+_HOST_KEYS = {"epc", "sgx2", "flc", "kvm", "kernel", "epc_cgroup", "epc_balloon"}
 _VM_KEYS = {"name", "qemu", "guest_kernel", "cgroup", "epc_max"}
 _CGROUP_KEYS = {"path", "epc_max"}
 _TOP_KEYS = {"title", "description", "host", "vm", "step", "cgroup"}
@@ -125,6 +127,8 @@ class HostSpec:
     kvm: bool = True
     kernel: str = "6.8"
     epc_cgroup: bool = False
+    #: EXPERIMENT (vepc.vmm.epc_balloon): the host takes back vEPC a cooperating guest frees
+    epc_balloon: bool = False
 
 
 @dataclass(frozen=True)
@@ -162,6 +166,7 @@ class Step:
     add_node: int | None = None
     cgroup: str | None = None
     epc_max: int | None = None
+    deflate: bool = False
     expect: dict[str, Any] = field(default_factory=dict)
     expect_error: str | None = None
     note: str | None = None
@@ -181,6 +186,8 @@ class Step:
             return f"enclave {self.name}{where} ({what})"
         if self.do == "destroy":
             return f"destroy {self.name}"
+        if self.do == "balloon":
+            return f"balloon {self.vm}: " + ("deflate" if self.deflate else f"give back {_mib(self.size)}")
         if self.do == "limit":
             return f"limit {self.cgroup} to {'max' if self.epc_max is None else _mib(self.epc_max)}"
         if self.do in ("touch", "pressure"):
@@ -375,8 +382,10 @@ class _Checker:
             raise self.fail(where, str(e)) from None
         flags = {}
         cg = raw.get("epc_cgroup", False)
-        if not isinstance(cg, bool):
-            raise self.fail(where, f"'epc_cgroup' must be true or false, not {cg!r}")
+        balloon = raw.get("epc_balloon", False)
+        for key, val in (("epc_cgroup", cg), ("epc_balloon", balloon)):
+            if not isinstance(val, bool):
+                raise self.fail(where, f"{key!r} must be true or false, not {val!r}")
         for key in ("sgx2", "flc", "kvm"):
             val = raw.get(key, True)
             if not isinstance(val, bool):
@@ -391,7 +400,7 @@ class _Checker:
             parse_version(kernel)
         except ValueError as e:
             raise self.fail(where, str(e)) from None
-        return HostSpec(tuple(epc), flags["sgx2"], flags["flc"], flags["kvm"], kernel, cg)
+        return HostSpec(tuple(epc), flags["sgx2"], flags["flc"], flags["kvm"], kernel, cg, balloon)
 
     def vm(self, i: int, raw: Any, host: HostSpec) -> VmSpec:
         from vepc.kernel.kernel import parse_version
@@ -470,6 +479,17 @@ class _Checker:
                 raise self.fail(where, "'cgroup' places a host process; a guest's processes are in the VM's "
                                        "cgroup on the host already (set [[vm]] cgroup)")
             kw["cgroup"] = self.cgroup_path(where, raw["cgroup"])
+        if do == "balloon":
+            if vm is None:
+                raise self.fail(where, "a 'balloon' step needs 'vm' (whose guest gives EPC back)")
+            deflate = raw.get("deflate", False)
+            if not isinstance(deflate, bool):
+                raise self.fail(where, f"'deflate' must be true or false, not {deflate!r}")
+            if deflate == ("size" in raw):
+                raise self.fail(where, "give either 'size' (EPC the guest gives back) or deflate = true")
+            kw["deflate"] = deflate
+            if not deflate:
+                kw["size"] = self.size(where, raw, "size", required=True, positive=True)
         if do == "limit":
             if vm is not None:
                 raise self.fail(where, "'limit' writes a host cgroup's misc.max; drop 'vm'")

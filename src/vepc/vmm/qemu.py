@@ -28,7 +28,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from vepc.arch.constants import PAGE_SIZE, FeatureControl, Msr
+from vepc.arch.constants import PAGE_SHIFT, PAGE_SIZE, FeatureControl, Msr
 from vepc.events import EventKind
 from vepc.kernel.kernel import Kernel, KernelConfig, SgxUnavailable
 from vepc.kernel.mm import MAP_ANONYMOUS, MAP_PRIVATE, MAP_SHARED, KernelError, Process
@@ -401,6 +401,29 @@ class QemuVm:
             except (OSError, KernelError):
                 pass
         return total * PAGE_SIZE
+
+    # -- EXPERIMENT: the EPC balloon (vepc.vmm.epc_balloon; not upstream) ------------------------------
+    def balloon(self, nbytes: int) -> int:
+        """The guest gives up to ``nbytes`` of its free EPC back; returns the bytes of host EPC released."""
+        from vepc.vmm.epc_balloon import GuestEpcBalloon, release_vepc_pages
+
+        if self.guest is None or self.guest.pool is None:
+            raise QemuError(f"VM {self.name}: no guest kernel with EPC to balloon")
+        if getattr(self.guest, "epc_balloon", None) is None:
+            self.guest.epc_balloon = GuestEpcBalloon(self.guest)
+        gpas = self.guest_call(self.guest.epc_balloon.inflate, nbytes)
+        released = 0
+        for sec in self.layout.epc_sections:
+            inside = gpas[(gpas >= sec.base) & (gpas < sec.end)]
+            if len(inside):
+                b = self.backends[sec.memdev]
+                released += release_vepc_pages(self.proc, b.fd, b.hva, (inside - sec.base) >> PAGE_SHIFT)
+        return released * PAGE_SIZE
+
+    def balloon_deflate(self) -> int:
+        """The guest takes every ballooned page back (the host allocates them again on first use); bytes."""
+        bal = getattr(self.guest, "epc_balloon", None) if self.guest is not None else None
+        return self.guest_call(bal.deflate) * PAGE_SIZE if bal is not None else 0
 
     def vepc(self, memdev: str):
         """The host kernel's ``struct sgx_vepc`` behind backend ``memdev``."""
