@@ -17,7 +17,7 @@ CASES = {
                           "step 2 (line 8, column 6): malformed TOML: Invalid value"),
     "unknown_step": (VM + '[[step]]\ndo = "start"\nvm = "web"\n[[step]]\ndo = "reboot"\nvm = "web"\n',
                      "step 2: unknown step 'reboot' (expected one of: start, shutdown, kill, reset, enclave, "
-                     "destroy, touch, pressure, limit, expect)"),
+                     "destroy, touch, pressure, limit, balloon, expect)"),
     "bad_qemu": ('[[vm]]\nname = "web"\nqemu = "-m 8GB -object memory-backend-epc,id=m0,size=4M"\n',
                  "[[vm]] 'web': qemu-system-x86_64: -m 8GB: Parameter 'size' expects a non-negative number "
                  "below 2^64"),

@@ -186,7 +186,7 @@ def demo(ctx: click.Context, out: str, vectors: str | None, quiet: bool, verbose
 
 
 def _register_extensions() -> None:
-    from vepc import cli_formats, cli_kernel, cli_vmm
+    from vepc import cli_fleet, cli_formats, cli_kernel, cli_vmm
 
     from vepc import cli_realkvm
     from vepc.bench import cli as cli_bench
@@ -196,6 +196,7 @@ def _register_extensions() -> None:
     cli_vmm.register(cli)
     cli_realkvm.register(cli)
     cli_bench.register(cli)
+    cli_fleet.register(cli)
 
 
 def main() -> None:

@@ -22,7 +22,7 @@ The format is documented in ``docs/scenarios.md``; a small one::
 >>> Scenario.from_toml('[[step]]\\ndo = "fly"\\n', "x.toml")
 Traceback (most recent call last):
 ...
-vepc.scenario.spec.ScenarioError: x.toml: step 1: unknown step 'fly' (expected one of: start, shutdown, kill, reset, enclave, destroy, touch, pressure, expect)
+vepc.scenario.spec.ScenarioError: x.toml: step 1: unknown step 'fly' (expected one of: start, shutdown, kill, reset, enclave, destroy, touch, pressure, limit, balloon, expect)
 """
 
 from __future__ import annotations
