@@ -301,20 +301,6 @@ class EpcPool:
             if ret:
                 self.events.emit(EventKind.EPC_ALLOC_FAIL, owner=oid, arg=ret, arg2=sg.id)
                 return ret
-            page = self._alloc_loop(oid, reclaim, node)
-            if page >= 0:
-                cgs.page_cg[page] = sg.id
-            else:
-                cgs.uncharge(sg)
-            if self.should_reclaim(SGX_NR_LOW_PAGES):
-                self.wake_ksgxd()
-            return page
-        page = self._alloc_loop(oid, reclaim, node)
-        if self.nr_free < SGX_NR_LOW_PAGES and self.active:           # sgx_should_reclaim(SGX_NR_LOW_PAGES)
-            self.wake_ksgxd()
-        return page
-
-    def _alloc_loop(self, oid: int, reclaim: bool, node: int) -> int:
         while True:
             # The local node first (the common case, without the round-robin walk), then all of them.
             page = self._alloc_from_node(node) if node in self.nodes else -1
@@ -325,8 +311,9 @@ class EpcPool:
                 self.events.emit(EventKind.EPC_ALLOC, owner=oid, page=page)
                 break
             if not self.can_reclaim():
-                self.events.emit(EventKind.EPC_ALLOC_FAIL, owner=oid, arg=-errno.ENOMEM)
-                return -errno.ENOMEM
+                page = -errno.ENOMEM                      # (no wakeup: nothing to reclaim)
+                self.events.emit(EventKind.EPC_ALLOC_FAIL, owner=oid, arg=page)
+                break
             if not reclaim:
                 page = -errno.EBUSY
                 self.events.emit(EventKind.EPC_ALLOC_FAIL, owner=oid, arg=page)
@@ -336,6 +323,15 @@ class EpcPool:
                 self.events.emit(EventKind.EPC_ALLOC_FAIL, owner=oid, arg=page)
                 break
             self.reclaim_pages()
+        if cgs is not None:
+            if page >= 0:
+                cgs.page_cg[page] = sg.id                 # sgx_epc_page_set_cgroup
+            else:
+                cgs.uncharge(sg)
+            if self.should_reclaim(SGX_NR_LOW_PAGES):
+                self.wake_ksgxd()
+        elif self.nr_free < SGX_NR_LOW_PAGES and self.active:         # sgx_should_reclaim(SGX_NR_LOW_PAGES)
+            self.wake_ksgxd()
         return page
 
     def alloc_batch(self, owner: object | None, n: int, node: int = 0) -> np.ndarray:
@@ -478,6 +474,16 @@ class EpcPool:
         with self.reclaimer_lock:
             self.flags[page] |= PAGE_RECLAIMER_TRACKED
             lru[page] = None
+
+    def mark_reclaimable_many(self, pages: list[int]) -> None:
+        """:meth:`mark_reclaimable` of each page, in order (one lock, one flags store per list)."""
+        if self.cgroups is not None:
+            for page in pages:
+                self.mark_reclaimable(page)
+            return
+        with self.reclaimer_lock:
+            self.flags[pages] |= PAGE_RECLAIMER_TRACKED
+            self.active.update(dict.fromkeys(pages))
 
     def unmark_reclaimable(self, page: int) -> int:
         """``sgx_unmark_page_reclaimable``: -EBUSY while the reclaimer holds the page, else 0."""

@@ -20,6 +20,8 @@ import hashlib
 import struct
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from vepc.arch.constants import (
     PAGE_SHIFT, PAGE_SIZE, SECINFO_PERMISSION_MASK, SGX_ATTR_UNPRIV_MASK, SGX_EEXTEND_BLOCK_SIZE,
     SGX_LAUNCH_TOKEN_SIZE, SGX_MODULUS_SIZE, SIGSTRUCT_VENDOR_INTEL, X86_TRAP_PF, Attribute, Msr, PageType,
@@ -275,6 +277,20 @@ def _va_page_positions(encl: Encl, n: int) -> list[int]:
     return [j for j in range(n) if (encl.page_cnt + j) % SGX_VA_SLOT_COUNT == 0]
 
 
+def _present_user_pages(proc: Process, src: int, n: int) -> list[int]:
+    """What ``get_user_page`` returns for the leading pages of ``[src, src + n pages)`` that are already
+    mapped in one readable, GUP-able VMA (for those it only reads the PTE): their physical addresses."""
+    vma = proc.find_vma(src)
+    if vma is None or vma.flags & (VM_IO | VM_PFNMAP) or not vma.flags & VM_READ:
+        return []
+    k = min(n, (vma.end - src) >> PAGE_SHIFT)
+    pfns = vma.ptes.get_range(src >> PAGE_SHIFT, k)
+    missing = np.flatnonzero(pfns < 0)
+    if len(missing):
+        pfns = pfns[:int(missing[0])]
+    return (pfns << PAGE_SHIFT).tolist()
+
+
 def _add_pages_batch(drv: "EnclaveDriver", encl: Encl, proc: Process, src: int, offset: int, npages: int,
                      secinfo: Secinfo, flags: int) -> int:
     """``sgx_encl_add_page`` for up to :data:`ADD_PAGES_BATCH` consecutive PT_REG pages at once, for the
@@ -306,8 +322,8 @@ def _add_pages_batch(drv: "EnclaveDriver", encl: Encl, proc: Process, src: int, 
     cgs = drv.pool.cgroups
     if cgs is not None and cgs.misc.headroom(SGX_EPC, cgs.current().cg) < (n + len(_va_page_positions(encl, n))) * PAGE_SIZE:
         return 0
-    phys = []
-    for j in range(n):                                 # get_user_page per page, in order (may fault RAM in)
+    phys = _present_user_pages(proc, src, n)           # get_user_page of pages already mapped: no side effect
+    for j in range(len(phys), n):                      # the rest one by one, in order (may fault RAM in)
         pa = get_user_page(proc, src + (j << PAGE_SHIFT))
         if pa < 0:
             break
@@ -316,7 +332,10 @@ def _add_pages_batch(drv: "EnclaveDriver", encl: Encl, proc: Process, src: int, 
     if n < 2:
         return 0
     va_at = _va_page_positions(encl, n)
-    contents = b"".join(drv.kernel.read_phys(pa, PAGE_SIZE) for pa in phys)
+    if phys[-1] - phys[0] == (n - 1) << PAGE_SHIFT and all(b - a == PAGE_SIZE for a, b in zip(phys, phys[1:])):
+        contents = drv.kernel.read_phys(phys[0], n << PAGE_SHIFT)       # physically contiguous: one read
+    else:
+        contents = b"".join(drv.kernel.read_phys(pa, PAGE_SIZE) for pa in phys)
     # Allocation in the loop's order: each page's EPC page, then (every 512th) its VA page.
     node = drv.current_node()
     epc: list[int] = []
@@ -348,12 +367,13 @@ def _add_pages_batch(drv: "EnclaveDriver", encl: Encl, proc: Process, src: int, 
     if done != n:
         raise KernelError(f"ADD_PAGES batch: EADD stopped at page {done} of {n} after its checks passed")
     ptype = (secinfo.flags & 0xFF00) >> 8
+    emit = drv.events.emit
+    oid, m = encl.owner_id, int(measure)
     for j, encl_page in enumerate(pages):
         encl_page.epc_page = epc[j]
         encl_page.type = ptype
-        drv.mark_reclaimable(epc[j])
-        drv.events.emit(EventKind.ENCL_ADD, owner=encl.owner_id, page=epc[j], arg=offset + (j << PAGE_SHIFT),
-                        arg2=int(measure))
+        emit(EventKind.ENCL_ADD, owner=oid, page=epc[j], arg=offset + (j << PAGE_SHIFT), arg2=m)
+    drv.pool.mark_reclaimable_many(epc)                # sgx_mark_page_reclaimable of each, in order
     encl.secs_child_cnt += n
     return n
 

@@ -136,36 +136,40 @@ class EpcStore:
         return out
 
     def store_run(self, first: int, pages: np.ndarray) -> None:
-        """Pages ``first .. first + len(pages) - 1`` get the rows of ``pages`` (n x 4096 uint8): pages with
-        a slot, and as many as there are free slots, one by one; the rest into fresh consecutive slots, one
-        copy per chunk."""
+        """Pages ``first .. first + len(pages) - 1`` get the rows of ``pages`` (n x 4096 uint8). Pages without
+        a slot take free slots (in ``pop`` order), then fresh consecutive ones; the copy is one numpy
+        assignment per chunk (a slice when the chunk's slots are consecutive), no Python loop per page."""
         n = len(pages)
         if self._slot is None:
             self._slot = np.zeros(self.nr_pages, dtype=np.uint32)
-        rest = []
-        for i in range(n):
-            if self._slot[first + i] or self._free:
-                self[first + i] = pages[i]
+        slots = self._slot[first:first + n].astype(np.int64) - 1
+        need = np.flatnonzero(slots < 0)
+        k = len(need)
+        if k:
+            take = min(k, len(self._free))
+            new = np.empty(k, dtype=np.int64)
+            if take:
+                new[:take] = self._free[len(self._free) - take:][::-1]     # what take pop() calls return
+                del self._free[len(self._free) - take:]
+            if k > take:
+                s0 = self._fresh(k - take)
+                new[take:] = np.arange(s0, s0 + k - take, dtype=np.int64)
+            slots[need] = new
+            self._slot[first + need] = (new + 1).astype(np.uint32)
+            self._count += k
+        chunk, off = np.divmod(slots, self.CHUNK)
+        c_lo, c_hi = int(chunk.min()), int(chunk.max())
+        for c in range(c_lo, c_hi + 1):
+            sel = np.flatnonzero(chunk == c) if c_lo != c_hi else None
+            o = off if sel is None else off[sel]
+            if not len(o):
+                continue
+            rows = self._chunks[c].reshape(-1, PAGE_SIZE)
+            src = pages if sel is None else pages[sel]
+            if _is_run(o):
+                rows[int(o[0]):int(o[0]) + len(o)] = src
             else:
-                rest.append(i)
-        if not rest:
-            return
-        lo = rest[0]
-        if rest[-1] - lo != len(rest) - 1:            # pages with contents after the fresh ones: one by one
-            for i in rest:
-                self[first + i] = pages[i]
-            return
-        k = n - lo
-        s0 = self._fresh(k)
-        self._slot[first + lo:first + n] = np.arange(s0 + 1, s0 + 1 + k, dtype=np.uint32)
-        self._count += k
-        done = 0
-        while done < k:
-            slot = s0 + done
-            c, off = divmod(slot, self.CHUNK)
-            m = min(k - done, self.CHUNK - off)
-            self._chunks[c][off * PAGE_SIZE:(off + m) * PAGE_SIZE] = pages[lo + done:lo + done + m].reshape(-1)
-            done += m
+                rows[o] = src
 
     def store_many(self, indices: np.ndarray, pages: list) -> None:
         """Page ``indices[i]`` gets ``pages[i]`` (4096 bytes each); a run of new consecutive pages is one copy."""
