@@ -100,7 +100,20 @@ def test_misc_max_write_refuses_what_misc_cg_max_write_refuses(text, code):
     assert misc.read("/a", "misc.max") == "sgx_epc max\n"                  # nothing changed
 
 
-def test_only_misc_max_is_writable():
+def test_writing_a_pid_to_cgroup_procs_moves_the_task():
+    m = cg_host()
+    misc = m.kernel.cgroups.misc
+    misc.mkdir("/a")
+    p = m.kernel.spawn("t")
+    misc.write("/a", "cgroup.procs", f"{p.pid}\n")
+    assert misc.read("/a", "cgroup.procs") == f"{p.pid}\n" and misc.cgroup_of(p).path == "/a"
+    for text, code in (("9999", errno.ESRCH), ("me", errno.EINVAL)):
+        with pytest.raises(OSError) as e:
+            misc.write("/a", "cgroup.procs", text)
+        assert e.value.errno == code
+
+
+def test_only_misc_max_and_cgroup_procs_are_writable():
     m = cg_host()
     misc = m.kernel.cgroups.misc
     misc.mkdir("/a")

@@ -48,18 +48,18 @@ import numpy as np
 
 from vepc.arch.constants import PAGE_SIZE, SGX_NR_LOW_PAGES, SGX_NR_TO_SCAN
 from vepc.events import EventKind
+from vepc.kernel.epc_pool import ERESTARTSYS
 from vepc.kernel.misc_cgroup import SGX_EPC, MiscCgroup, MiscController
 
 if TYPE_CHECKING:
     from vepc.kernel.kernel import Kernel
 
-__all__ = ["EpcCgroups", "SgxCgroup", "SGX_CG_MIN_FREE_PAGE", "SGX_CG_LOW_LIMIT", "ERESTARTSYS"]
+__all__ = ["EpcCgroups", "SgxCgroup", "SGX_CG_MIN_FREE_PAGE", "SGX_CG_LOW_LIMIT"]
 
 #: epc_cgroup.c: the margin the per-cgroup reclaimer keeps below a limit (the global low watermark)...
 SGX_CG_MIN_FREE_PAGE = SGX_NR_LOW_PAGES
 #: ...unless the limit is below four times that.
 SGX_CG_LOW_LIMIT = SGX_CG_MIN_FREE_PAGE * 4
-ERESTARTSYS = 512
 #: A bound on the model's loops that upstream runs until they succeed (with cond_resched between).
 MAX_ROUNDS = 1 << 16
 
@@ -96,6 +96,7 @@ class EpcCgroups:
         self.misc.set_ops(SGX_EPC, self._alloc, self._free)
         self.misc.set_capacity(SGX_EPC, sum(n.size for n in pool.nodes.values()))
         self.misc.on_charge = self._on_charge
+        self.misc.find_task = kernel.processes.get
         self.misc.on_max_event = self._on_max_event
 
     # -- misc_res_ops --------------------------------------------------------------------------------
@@ -185,10 +186,6 @@ class EpcCgroups:
 
     def uncharge(self, sg: SgxCgroup, n: int = 1) -> None:
         self.misc.uncharge(SGX_EPC, sg.cg, n * PAGE_SIZE)
-
-    def set_pages(self, pages, sg: SgxCgroup) -> None:
-        """``sgx_epc_page_set_cgroup`` for allocated pages."""
-        self.page_cg[pages] = sg.id
 
     def release_page(self, page: int) -> None:
         """The cgroup part of ``sgx_free_epc_page``: uncharge, forget the cgroup (NULL for sanitized pages)."""

@@ -127,6 +127,8 @@ class MiscController:
         #: resource) on a ``max`` event: the kernel's event stream
         self.on_charge: Callable[[MiscCgroup, str, int], None] | None = None
         self.on_max_event: Callable[[MiscCgroup, str], None] | None = None
+        #: pid -> task, for writes to cgroup.procs (set by the kernel)
+        self.find_task: Callable[[int], object | None] = lambda pid: None
 
     # -- registration (misc_cg_set_capacity / misc_cg_set_ops) ------------------------------------------
     def set_capacity(self, res: str, capacity: int) -> None:
@@ -240,8 +242,7 @@ class MiscController:
     def headroom(self, res: str, cg: MiscCgroup) -> int:
         """How much more ``try_charge`` would accept at once from ``cg``: the smallest margin to a ``max`` on
         the way to the root, and to the capacity (for the batch allocation paths)."""
-        cap = self.capacity.get(res, 0)
-        room = cap - self.root.res[res].usage if cap else 0
+        room = cap = self.capacity.get(res, 0)
         for i in cg.ancestors():
             r = i.res[res]
             room = min(room, r.max - r.usage, cap - r.usage)
@@ -308,9 +309,19 @@ class MiscController:
     def write(self, path: str, name: str, text: str) -> None:
         """``misc_cg_max_write``: "RESOURCE max" or "RESOURCE N" (kstrtou64, base 0). EINVAL for a missing
         value, an unknown resource, a resource without capacity or a non-number; ERANGE above U64_MAX.
-        Only misc.max is writable (others: EACCES, their mode is read-only)."""
+        ``cgroup.procs``: a pid moves that task here (ESRCH for no such task, EINVAL for not a number).
+        The other files are read-only (EACCES)."""
         cg = self.lookup(path)
         self._check_file(cg, name, path)
+        if name == "cgroup.procs":
+            pid = text.strip()
+            if not pid.isdigit():
+                raise os_error(errno.EINVAL, f"cgroup.procs: {text.strip()!r} is not a pid")
+            task = self.find_task(int(pid))
+            if task is None:
+                raise os_error(errno.ESRCH, f"cgroup.procs: no task {pid}")
+            self.attach(task, path)
+            return
         if name != "misc.max":
             raise os_error(errno.EACCES, f"{path.rstrip('/')}/{name}")
         token, sep, value = text.strip().partition(" ")
