@@ -165,7 +165,12 @@ class EpcStore:
             if not len(o):
                 continue
             rows = self._chunks[c].reshape(-1, PAGE_SIZE)
-            src = pages if sel is None else pages[sel]
+            if sel is None:
+                src = pages
+            elif _is_run(sel):
+                src = pages[int(sel[0]):int(sel[-1]) + 1]      # a view: no copy of the contents
+            else:
+                src = pages[sel]
             if _is_run(o):
                 rows[int(o[0]):int(o[0]) + len(o)] = src
             else:
