@@ -103,6 +103,8 @@ def test_fleet_plot_is_written(tmp_path):
     ('[[host]]\nepc = ["8M@0"]\nsize = 1\n', "f.toml: [[host]] 1: unknown key 'size'"),
     ('[[host]]\nepc = ["8M@0"]\nvms = "missing.csv"\n', "f.toml: [[host]] 1: unknown key 'vms'"),
     ('vms = "missing.csv"\n[[host]]\nepc = ["8M@0"]\n', "f.toml: vms: missing.csv: cannot read"),
+    ('kernel = 6.8\n[[host]]\nepc = ["8M@0"]\n', "f.toml: kernel must be a string such as \"6.8\", not 6.8"),
+    ('kernel = "9"\n[[host]]\nepc = ["8M@0"]\n', "f.toml: kernel: invalid kernel version '9'"),
 ])
 def test_bad_fleet_input_is_one_line(text, msg):
     with pytest.raises(FleetError) as e:

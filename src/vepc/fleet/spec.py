@@ -149,8 +149,10 @@ class _Checker:
         if policy not in POLICIES:
             raise self.fail(None, f"unknown policy {policy!r} (expected one of: {', '.join(POLICIES)})")
         kernel = data.get("kernel", "6.8")
+        if not isinstance(kernel, str):
+            raise self.fail(None, f"kernel must be a string such as \"6.8\", not {kernel!r}")
         try:
-            parse_version(str(kernel) if isinstance(kernel, str) else "?")
+            parse_version(kernel)
         except ValueError as e:
             raise self.fail(None, f"kernel: {e}") from None
         cg = data.get("epc_cgroup", False)
