@@ -17,6 +17,8 @@ from typing import Iterator
 
 import numpy as np
 
+from vepc.arrays import is_run
+
 __all__ = ["PteTable", "as_run", "MAX_PFN"]
 
 #: The largest frame an entry holds (frame + 1 must fit in uint32).
@@ -36,17 +38,12 @@ def as_run(idx) -> tuple[int, int] | None:
     >>> as_run(range(3, 7)), as_run(np.array([3, 4, 5])), as_run(np.array([3, 5, 4])), as_run(np.array([3, 5]))
     ((3, 7), (3, 6), None, None)
     """
+    if not is_run(idx):
+        return None
     if isinstance(idx, range):
-        return (idx.start, idx.stop) if idx.step == 1 and len(idx) else None
-    n = len(idx)
-    if not n:
-        return None
+        return idx.start, idx.stop
     first = int(idx[0])
-    if int(idx[-1]) - first != n - 1:
-        return None
-    if n > 2 and not (np.diff(idx) == 1).all():
-        return None
-    return first, first + n
+    return first, first + len(idx)
 
 
 class PteTable:

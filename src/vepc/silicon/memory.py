@@ -30,6 +30,7 @@ from typing import Iterator, Protocol
 import numpy as np
 
 from vepc.arch.constants import PAGE_SHIFT, PAGE_SIZE
+from vepc.arrays import is_run
 from vepc.silicon.epc import EpcLayout, EpcSection  # noqa: F401  (EpcSection re-exported for the doctest)
 from vepc.silicon.faults import PF_PRESENT, PF_SGX, PF_WRITE, PageFault
 from vepc.types import PhysAddr
@@ -41,12 +42,6 @@ ABORT_PAGE = b"\xff" * PAGE_SIZE
 
 #: mman.h MAP_NORESERVE (x86): the mapping reserves no swap, so a terabyte of EPC maps on a small machine.
 _MAP_NORESERVE = 0x4000
-
-
-def _is_run(indices) -> bool:
-    """``indices`` ascend by one (a run of consecutive pages)."""
-    n = len(indices)
-    return bool(n) and int(indices[-1]) - int(indices[0]) == n - 1 and (n == 1 or bool((np.diff(indices) == 1).all()))
 
 
 class EpcStore:
@@ -167,11 +162,11 @@ class EpcStore:
             rows = self._chunks[c].reshape(-1, PAGE_SIZE)
             if sel is None:
                 src = pages
-            elif _is_run(sel):
+            elif is_run(sel):
                 src = pages[int(sel[0]):int(sel[-1]) + 1]      # a view: no copy of the contents
             else:
                 src = pages[sel]
-            if _is_run(o):
+            if is_run(o):
                 rows[int(o[0]):int(o[0]) + len(o)] = src
             else:
                 rows[o] = src
@@ -181,7 +176,7 @@ class EpcStore:
         n = len(pages)
         if not n:
             return
-        if n > 1 and len(self._free) < n and _is_run(indices):
+        if n > 1 and len(self._free) < n and is_run(indices):
             self.store_run(int(indices[0]), np.frombuffer(b"".join(pages), dtype=np.uint8).reshape(n, PAGE_SIZE))
         else:
             for ix, page in zip(np.asarray(indices).tolist(), pages):

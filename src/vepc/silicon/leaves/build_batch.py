@@ -29,9 +29,9 @@ import numpy as np
 
 from vepc.arch.constants import PAGE_SIZE, SECINFO_RESERVED_MASK, Leaf, PageType
 from vepc.arch.structs import Secinfo
+from vepc.arrays import is_run
 from vepc.silicon.epcm import PT_MASK, PT_SHIFT, RWX_SHIFT, VALID
 from vepc.silicon.leaves.build import _EEXTEND_BLOCK, EADD_TAG, EEXTEND_TAG
-from vepc.silicon.memory import _is_run
 
 __all__ = ["eadd_batch", "eextend_page", "MEASURE_BLOCK_BYTES"]
 
@@ -130,7 +130,7 @@ def eadd_batch(lp, secs_idx: int, idx: np.ndarray, offsets: np.ndarray, secinfo_
             _measure(st, pages, offsets, secinfo_flags, measure)
         # Contents: what EADD copies from SRCPGE (runs of consecutive pages as one copy).
         store = proc.memory.epc
-        if _is_run(idx):
+        if is_run(idx):
             store.store_run(int(idx[0]), pages)         # ascending consecutive pages: one copy
         else:
             for i, ix in enumerate(idx.tolist()):
