@@ -179,10 +179,10 @@ class EpcCgroups:
     def charge_batch(self, sg: SgxCgroup, n: int) -> int:
         """Charge up to ``n`` pages at once: exactly the charges ``n`` calls of :meth:`try_charge` would make
         before the first failure (which is left to the per-page path). Returns how many."""
-        k = min(n, self.misc.headroom(SGX_EPC, sg.cg) // PAGE_SIZE)
+        k = min(n, self.misc.headroom(SGX_EPC, sg.cg) // PAGE_SIZE)      # headroom is never negative
         if k > 0 and self.misc.try_charge(SGX_EPC, sg.cg, k * PAGE_SIZE):
             raise RuntimeError("charge_batch: the headroom did not hold")
-        return max(k, 0)
+        return k
 
     def uncharge(self, sg: SgxCgroup, n: int = 1) -> None:
         self.misc.uncharge(SGX_EPC, sg.cg, n * PAGE_SIZE)

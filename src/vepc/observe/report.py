@@ -65,6 +65,18 @@ def _steps_table(doc: dict) -> Table:
     return t
 
 
+def _per_step_mib_table(rows: list[dict], key: str, columns: list[str]) -> Table:
+    """A row per step, a column per name of ``columns``: ``step[key][name]`` bytes in MiB."""
+    t = Table()
+    t.add_column("#", justify="right")
+    for c in columns:
+        t.add_column(c, justify="right")
+    for s in rows:
+        t.add_row(str(s["index"]), *[f"{s[key].get(c, 0) / (1 << 20):.2f}".rstrip("0").rstrip(".")
+                                     for c in columns])
+    return t
+
+
 def _by_owner_table(doc: dict) -> Table | None:
     rows = [s for s in doc["steps"] if s.get("epc_by_owner")]
     if not rows:
@@ -75,14 +87,7 @@ def _by_owner_table(doc: dict) -> Table | None:
             if g not in groups:
                 groups.append(g)
     groups.sort(key=lambda g: (g == "free", 0))
-    t = Table()
-    t.add_column("#", justify="right")
-    for g in groups:
-        t.add_column(g, justify="right")
-    for s in rows:
-        t.add_row(str(s["index"]), *[f"{s['epc_by_owner'].get(g, 0) / (1 << 20):.2f}".rstrip("0").rstrip(".")
-                                     for g in groups])
-    return t
+    return _per_step_mib_table(rows, "epc_by_owner", groups)
 
 
 def _cgroup_steps_table(doc: dict) -> Table | None:
@@ -90,15 +95,7 @@ def _cgroup_steps_table(doc: dict) -> Table | None:
     rows = [s for s in doc["steps"] if s.get("epc_by_cgroup")]
     if not rows:
         return None
-    paths = list(rows[-1]["epc_by_cgroup"])
-    t = Table()
-    t.add_column("#", justify="right")
-    for p in paths:
-        t.add_column(p, justify="right")
-    for s in rows:
-        t.add_row(str(s["index"]), *[f"{s['epc_by_cgroup'].get(p, 0) / (1 << 20):.2f}".rstrip("0").rstrip(".")
-                                     for p in paths])
-    return t
+    return _per_step_mib_table(rows, "epc_by_cgroup", list(rows[-1]["epc_by_cgroup"]))
 
 
 def _cgroup_table(doc: dict) -> Table | None:

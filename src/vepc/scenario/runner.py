@@ -31,6 +31,7 @@ advances by one step (:data:`~vepc.observe.recorder.STEP_NS`).
 
 from __future__ import annotations
 
+import bisect
 import errno as errno_mod
 import traceback
 from dataclasses import dataclass, field
@@ -143,13 +144,9 @@ def _os_message(e: OSError) -> str:
 
 
 def _value_at(series: list[tuple[float, int]], ns: float) -> int:
-    """The last value of a (time, value) series at or before ``ns`` (0 before the first)."""
-    v = 0
-    for t, x in series:
-        if t > ns:
-            break
-        v = x
-    return v
+    """The last value of a time-ordered (time, value) series at or before ``ns`` (0 before the first)."""
+    i = bisect.bisect_right(series, ns, key=lambda tv: tv[0])
+    return series[i - 1][1] if i else 0
 
 
 @dataclass
@@ -266,12 +263,13 @@ class RunResult:
         by_owner = {g: n * PAGE_SIZE for g, n in tl.final.items() if n or g == "free"}
         steps = []
         cg_series = cgroup_series(tl) if k.cgroups is not None else {}
+        step_end = {i: end for i, _label, _start, end in tl.steps}
         for s in self.steps:
             d = s.as_dict()
             d["epc_by_owner"] = {g: n * PAGE_SIZE for g, n in tl.at_step_end(s.index).items() if n or g == "free"}
             if cg_series:
-                end = next(e for i, _l, _s, e in tl.steps if i == s.index)
-                d["epc_by_cgroup"] = {path: _value_at(series, end) * PAGE_SIZE for path, series in cg_series.items()}
+                d["epc_by_cgroup"] = {path: _value_at(series, step_end[s.index]) * PAGE_SIZE
+                                      for path, series in cg_series.items()}
             steps.append(d)
         return {
             "scenario": {"file": self.scenario.source, "title": self.scenario.title, "steps": len(self.steps)},
