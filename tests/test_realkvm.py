@@ -13,6 +13,7 @@ from click.testing import CliRunner
 from vepc.events import EventKind
 from vepc.kernel.invariants import assert_ok
 from vepc.realkvm import realkvm_usable
+from vepc.realkvm.uffd import minor_shmem_usable, userfaultfd_usable
 
 _OK, _WHY = realkvm_usable()
 needs_kvm = pytest.mark.skipif(not _OK, reason=f"no real KVM guest possible here: {_WHY}")
@@ -81,10 +82,12 @@ def test_guest_program_build_is_cached_by_source_hash(tmp_path):
 
 # -- the virtual EPC backend ------------------------------------------------------------------------------
 @needs_kvm
-def test_real_guest_touching_16m_of_a_32m_section_allocates_exactly_4096_epc_pages():
+@pytest.mark.parametrize("backing", ["memfd", "anonymous"])
+def test_real_guest_touching_16m_of_a_32m_section_allocates_exactly_4096_epc_pages(backing):
     from vepc.realkvm.sgxvm import SgxVm
 
-    with SgxVm(epc="32M", host_epc="64M") as vm:
+    with SgxVm(epc="32M", host_epc="64M", backing=backing) as vm:
+        assert vm.epc.backing == backing
         r = vm.touch(16 * MB)
         assert r.error is None and r.status == "done"
         assert (r.pages, r.touched, r.faults, r.epc_allocated) == (4096, 4096, 4096, 4096)
@@ -122,10 +125,11 @@ def test_touching_past_the_hosts_free_epc_stops_the_guest_with_efault_and_leaks_
 
 
 @needs_kvm
-def test_reset_then_retouch_faults_every_page_again_on_the_vepcs_own_pages():
+@pytest.mark.parametrize("backing", ["memfd", "anonymous"])
+def test_reset_then_retouch_faults_every_page_again_on_the_vepcs_own_pages(backing):
     from vepc.realkvm.sgxvm import SgxVm
 
-    with SgxVm(epc="8M", host_epc="16M") as vm:
+    with SgxVm(epc="8M", host_epc="16M", backing=backing) as vm:
         first = vm.touch(4 * MB)
         assert first.epc_allocated == 1024
         pages_before = sorted(_vepc_of(vm).page_array.pages().tolist())
@@ -180,6 +184,69 @@ def test_fault_around_is_opt_in_and_never_refuses_on_its_own():
         r = vm.touch(2 * MB)
         assert r.error is not None and r.error.gpa == EPC_GPA + 1 * MB
         assert r.epc_allocated == 256 and len(vm.epc.refusals) == 1
+
+
+_UFFD_OK = userfaultfd_usable()[0] and minor_shmem_usable()[0]
+
+
+def _fault_around_world(monkeypatch, per_page: bool):
+    """A model host and a fault-around-16 VirtualEpc over one 2 MiB section, no guest: ``serve`` called
+    directly (UFFDIO_CONTINUE of a page nobody waits for just maps it). ``per_page`` disables the block
+    path, so every page goes through ``fixup_user_fault`` one at a time."""
+    from vepc.realkvm.epc_backend import ModelHost, VirtualEpc
+
+    model = ModelHost(host_epc="4M")
+    epc = VirtualEpc(model, fault_around=16)
+    if per_page:
+        monkeypatch.setattr(epc, "_fault_block", lambda sec, page: None)
+    sec = epc.add_section(0x100000000, 2 * MB)
+    return model, epc, sec
+
+
+@pytest.mark.skipif(not _UFFD_OK, reason="no userfaultfd with MINOR_SHMEM here")
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_fault_around_block_allocates_what_page_by_page_fault_around_does(monkeypatch, seed):
+    import random
+
+    rng = random.Random(seed)
+    order = [rng.randrange(512) for _ in range(64)]
+    worlds = []
+    for per_page in (False, True):
+        model, epc, sec = _fault_around_world(monkeypatch, per_page)
+        for page in order:
+            if not sec.populated[page]:
+                assert epc.serve(sec.mapping.addr + page * 4096 + rng.randrange(4096))
+        vepc = model.vmm.file(sec.model_fd).private_data
+        pa = vepc.page_array
+        worlds.append((sorted(i for i, _ in pa.items()), sorted(pa.pages().tolist()), bytes(sec.populated),
+                       model.kernel.pool.nr_free, model.events.count(EventKind.VEPC_FAULT),
+                       model.events.count(EventKind.EPC_ALLOC), epc.pages_populated))
+        for i, done in enumerate(sec.populated):      # (an unmapped page would fault: nobody serves here)
+            if done:
+                assert sec.mapping.view[i * 4096] == 0xFF     # mapped pages read as the abort page
+        assert_ok(model.kernel, model.processor)
+        epc.close()
+        model.exit()
+    # The same indices and the same pages allocated (the block path allocates the block ascending, the
+    # per-page path the faulting page first: which index holds which page may differ), the same pages
+    # mapped on the real side, the same counts of faults and allocations.
+    assert worlds[0] == worlds[1]
+
+
+@pytest.mark.skipif(not _UFFD_OK, reason="no userfaultfd with MINOR_SHMEM here")
+def test_fault_around_block_leaves_a_short_pool_to_the_per_page_path(monkeypatch):
+    model, epc, sec = _fault_around_world(monkeypatch, False)
+    vepc = model.vmm.file(sec.model_fd).private_data
+    pool = model.kernel.pool
+    hold = pool.alloc_batch(None, pool.nr_free - 10)       # leave 10 free pages: less than a block
+    assert len(hold) and pool.nr_free == 10
+    assert epc.serve(sec.mapping.addr + 5 * 4096)
+    assert len(vepc.page_array) == 10 and pool.nr_free == 0 and sum(sec.populated) == 10
+    assert not epc.serve(sec.mapping.addr + 100 * 4096)    # nothing left: the faulting page itself is refused
+    assert len(epc.refusals) == 1 and epc.refusals[0].gpa == sec.gpa + 100 * 4096
+    pool.free_batch(hold)
+    epc.close()
+    model.exit()
 
 
 # -- paravirtual SGX ---------------------------------------------------------------------------------------

@@ -55,9 +55,12 @@ def _mib(n: int) -> str:
               help="EPC pages allocated per fault (1 = the kernel; more is a deviation).")
 @click.option("--timeout", type=click.FloatRange(1, 3600), default=60.0, show_default=True,
               help="Bound on each guest run, seconds.")
+@click.option("--backing", type=click.Choice(["auto", "memfd", "anonymous"]), default="auto", show_default=True,
+              help="Host memory behind the EPC memslots: a memfd answered in userfaultfd MINOR mode (committed "
+                   "up front), or anonymous memory answered with UFFDIO_COPY; auto = memfd where it works.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 def kvm(epc: str, host_epc: str, touch: str | None, sgxs: str | None, sig: str | None, vcpus: int,
-        fault_around: int, timeout: float, as_json: bool) -> None:
+        fault_around: int, timeout: float, backing: str, as_json: bool) -> None:
     """Boot a real KVM guest whose EPC is served by the model's /dev/sgx_vepc, touch it, optionally load an
     enclave through paravirtual ENCLS, and print what happened (pages faulted, EPC allocated, exits, time,
     result).
@@ -100,7 +103,7 @@ def kvm(epc: str, host_epc: str, touch: str | None, sgxs: str | None, sig: str |
     if not ok:
         _fail(f"cannot run a real guest here: {why}", status=1)
 
-    report = run_kvm(epc_size, host_size, touch_size, sgxs, sig, vcpus, fault_around, timeout, ram)
+    report = run_kvm(epc_size, host_size, touch_size, sgxs, sig, vcpus, fault_around, timeout, ram, backing)
     if as_json:
         click.echo(json.dumps(report, indent=1))
     else:
@@ -110,7 +113,7 @@ def kvm(epc: str, host_epc: str, touch: str | None, sgxs: str | None, sig: str |
 
 
 def run_kvm(epc_size: int, host_size: int, touch_size: int, sgxs: str | None, sig: str | None, vcpus: int = 1,
-            fault_around: int = 1, timeout: float = 60.0, ram: int = 4 << 20) -> dict:
+            fault_around: int = 1, timeout: float = 60.0, ram: int = 4 << 20, backing: str = "auto") -> dict:
     """Boot, touch, load, exit; return the report ``vepc kvm --json`` prints.
 
     Example: ``run_kvm(32 << 20, 64 << 20, 16 << 20, None, None)["touch"]["epc_allocated"]`` → 4096.
@@ -121,10 +124,10 @@ def run_kvm(epc_size: int, host_size: int, touch_size: int, sgxs: str | None, si
 
     t0 = time.perf_counter()
     vm = SgxVm(epc=epc_size, host_epc=f"{host_size >> 10}K", ram=ram, vcpus=vcpus, fault_around=fault_around,
-               timeout=timeout)
+               timeout=timeout, backing=backing)
     report: dict = {
         "guest": {"vcpus": vcpus, "ram_bytes": vm.ram_size, "epc_gpa": EPC_GPA, "epc_bytes": epc_size,
-                  "fault_around": fault_around},
+                  "fault_around": fault_around, "backing": vm.epc.backing},
         "host": {"epc_bytes": host_size, "epc_pages": vm.model.kernel.pool.nr_pages},
         "touch": None, "enclave": None, "error": None,
     }
@@ -173,7 +176,8 @@ def _add(total: dict, more: dict) -> None:
 def _print(r: dict) -> None:
     g, h = r["guest"], r["host"]
     click.echo(f"real KVM guest: {g['vcpus']} vCPU, {_mib(g['ram_bytes'])} RAM, EPC {_mib(g['epc_bytes'])} at "
-               f"{g['epc_gpa']:#x}; model host EPC {_mib(h['epc_bytes'])} ({h['epc_pages']} pages)"
+               f"{g['epc_gpa']:#x} ({g['backing']} backing); model host EPC {_mib(h['epc_bytes'])} "
+               f"({h['epc_pages']} pages)"
                + (f"; fault-around {g['fault_around']} (deviation)" if g["fault_around"] > 1 else ""))
     t = r["touch"]
     if t is not None:

@@ -358,7 +358,7 @@ class Process:
             done = vma.vm_ops.fault_range(vma, missing, flags)
         return n if done == len(missing) else int(missing[done]) - vpn
 
-    def _batch_vma(self, vma: Vma | None, write: bool, pages: int) -> bool:
+    def _batch_vma(self, vma: Vma | None, write: bool, pages: int | None) -> bool:
         return (vma is not None and vma.vm_ops is not None and hasattr(vma.vm_ops, "fault_range")
                 and (not write or bool(vma.flags & VM_WRITE)) and batch_enabled(self.kernel, pages))
 
@@ -367,13 +367,21 @@ class Process:
         the per-page path: the frames of a prefix (possibly empty). The caller resolves the next page with
         :meth:`fixup_user_fault`, which reports its error (-EFAULT) or retries as usual."""
         vma = self.find_vma(addr)
+        k = self.fault_in_range(addr, n, write, vma=vma)
+        return vma.ptes.get_range(addr >> PAGE_SHIFT, k) if k else np.zeros(0, dtype=np.int64)
+
+    def fault_in_range(self, addr: int, n: int, write: bool = True, any_size: bool = False,
+                       vma: Vma | None = None) -> int:
+        """The batch part of :meth:`fixup_user_fault_range` without reading the frames back: how many
+        leading pages of the ``n`` from ``addr`` are mapped now. ``any_size`` takes the batch path below
+        ``BATCH_MIN_PAGES`` too (a caller that batches small blocks on purpose, e.g. a fault-around)."""
+        if vma is None:
+            vma = self.find_vma(addr)
         if vma is not None:
             n = min(n, (vma.end - addr) >> PAGE_SHIFT)
-        if not self._batch_vma(vma, write, n):
-            return np.zeros(0, dtype=np.int64)
-        vpn = addr >> PAGE_SHIFT
-        k = self._fault_missing(vma, vpn, n, (FAULT_FLAG_WRITE if write else 0) | FAULT_FLAG_ALLOW_RETRY)
-        return vma.ptes.get_range(vpn, k)
+        if n <= 0 or not self._batch_vma(vma, write, None if any_size else n):
+            return 0
+        return self._fault_missing(vma, addr >> PAGE_SHIFT, n, (FAULT_FLAG_WRITE if write else 0) | FAULT_FLAG_ALLOW_RETRY)
 
     def fixup_user_fault(self, addr: int, write: bool = True) -> int:
         """mm/gup.c ``fixup_user_fault`` as KVM's ``hva_to_pfn_remapped`` uses it: resolve a fault in this

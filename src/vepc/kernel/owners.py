@@ -5,8 +5,8 @@ owner). Each owner has a kind, so counters per kind can be derived from the arra
 
 >>> reg = OwnerRegistry()
 >>> class V: owner_kind = OwnerKind.VEPC
->>> reg.register(V())
-1
+>>> reg.register(V())          # 0 is "no owner", 1 the zombie list
+2
 """
 
 from __future__ import annotations

@@ -9,6 +9,8 @@ The ``*_many`` methods are the batch forms (one call for many indices).
 (42, None, [(5, 42)])
 >>> pa.store_many(np.array([6, 7]), np.array([0, 9])); pa.load_many(np.array([4, 6, 7, 1 << 40])).tolist()
 [-1, 0, 9, -1]
+>>> pa.first_present(0, 8), pa.first_present(6, 8), pa.first_present(8, 16)
+(5, 0, 8)
 """
 
 from __future__ import annotations
@@ -59,6 +61,14 @@ class PageArray:
         if index < len(self._a) and self._a[index]:
             self._a[index] = 0
             self._n -= 1
+
+    def first_present(self, lo: int, hi: int) -> int:
+        """How many indices from ``lo`` (up to ``hi``) are empty before the first present one: ``hi - lo``
+        when none is present. Example: ``pa.first_present(0, 8)`` → 5 with only index 5 stored."""
+        seg = self._a[lo:min(hi, len(self._a))]
+        if not len(seg) or not seg.any():
+            return hi - lo
+        return int((seg != 0).argmax())
 
     # -- batch forms (``indices`` an array, or a ``range`` for a run: then slices are used) ---------------
     def load_many(self, indices) -> np.ndarray:

@@ -26,8 +26,8 @@ MAX_PFN = (1 << 32) - 2
 
 
 def _check_pfns(pfns: np.ndarray) -> None:
-    if len(pfns) and int(np.max(pfns)) > MAX_PFN:
-        raise OverflowError(f"frame {int(np.max(pfns)):#x} beyond the page table's {MAX_PFN:#x}")
+    if len(pfns) and int(pfns.max()) > MAX_PFN:
+        raise OverflowError(f"frame {int(pfns.max()):#x} beyond the page table's {MAX_PFN:#x}")
 
 
 def as_run(idx) -> tuple[int, int] | None:

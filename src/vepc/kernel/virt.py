@@ -203,19 +203,23 @@ class VepcDriver(FileOps):
         with vepc.lock:
             shift = vma.pgoff - (vma.start >> PAGE_SHIFT)
             run = as_run(vpns)
-            index = range(run[0] + shift, run[1] + shift) if run is not None else np.asarray(vpns, np.int64) + shift
-            if len(pa):
-                present = np.flatnonzero(pa.load_many(index) >= 0)
-                k = int(present[0]) if len(present) else n
+            if run is not None:
+                index = range(run[0] + shift, run[1] + shift)
+                k = pa.first_present(index.start, index.stop) if len(pa) else n
             else:
-                k = n
+                index = np.asarray(vpns, np.int64) + shift
+                present = np.flatnonzero(pa.load_many(index) >= 0) if len(pa) else ()
+                k = int(present[0]) if len(present) else n
             pages = self.pool.alloc_batch(vepc, k, node=self.kernel.current_node())
             m = len(pages)
             if not m:
                 return 0
             pa.store_many(index[:m], pages)
             # vmf_insert_pfn for each page (cannot fail on this VM_PFNMAP VMA).
-            vma.ptes.set_many(vpns[:m], self.pool.pfn_batch(pages))
+            if run is not None:
+                vma.ptes.set_range(run[0], self.pool.pfn_batch(pages))
+            else:
+                vma.ptes.set_many(vpns[:m], self.pool.pfn_batch(pages))
         # One event per run of consecutive indices: ``arg`` .. ``arg + count - 1`` were faulted in.
         if run is not None:
             self.events.emit(EventKind.VEPC_FAULT, owner=vepc.owner_id, count=m, arg=index[0], arg2=VM_FAULT_NOPAGE)

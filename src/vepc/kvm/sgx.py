@@ -4,7 +4,7 @@
 leaf runs natively on the host processor (EPT-translated operands) or exits to KVM, which emulates the
 leaf with its checks (ECREATE) or runs it with the guest's virtual LE-hash MSRs (EINIT).
 
->>> encls_leaf_enabled_in_guest.__doc__.split(":")[0]
+>>> encls_leaf_enabled_in_guest.__doc__.split(";")[0]
 '0x0-0xC always'
 """
 

@@ -9,13 +9,21 @@ Two halves:
   attach_external``), inserted by a tiny device (:class:`RamWindow`) the way virt.c inserts EPC pfns. So the
   model KVM reads PAGEINFO, SECINFO and source pages straight from the real guest's memory.
 
-* :class:`VirtualEpc` -- the real side: each EPC section is a memslot over an anonymous host range
-  registered with userfaultfd (MISSING mode). A handler thread receives the guest's first touch of a page
-  and resolves it through the model: the model VMM process's ``fixup_user_fault(model_hva)`` -- what KVM's
-  ``hva_to_pfn_remapped`` does for a VM_PFNMAP memslot -- runs ``sgx_vepc_fault`` for that section's vepc
-  file (same index rule, same allocator, same -EBUSY/-ENOMEM outcomes, same events). Then the page is
-  populated with UFFDIO_COPY of a page of 0xFF: EPC read from outside an enclave returns the abort page
-  (vmm-anchors.md §1.2).
+* :class:`VirtualEpc` -- the real side: each EPC section is a memslot over a host range registered with
+  userfaultfd. A handler thread receives the guest's first touch of a page and resolves it through the
+  model: the model VMM process's ``fixup_user_fault(model_hva)`` -- what KVM's ``hva_to_pfn_remapped`` does
+  for a VM_PFNMAP memslot -- runs ``sgx_vepc_fault`` for that section's vepc file (same index rule, same
+  allocator, same -EBUSY/-ENOMEM outcomes, same events). Then the page is mapped reading as all-ones: EPC
+  read from outside an enclave returns the abort page (vmm-anchors.md §1.2). Two backings of the range:
+
+  - ``memfd`` (default where the kernel has UFFD_FEATURE_MINOR_SHMEM): a memfd whose page cache is filled
+    with 0xFF when the section is added, registered in MINOR mode; a first touch is answered with
+    UFFDIO_CONTINUE, which maps the cached page without allocating or copying (measured: the bare round
+    trip 25k vs 20k pages/s per 4 KiB, 251k vs 194k with 16-page blocks). The host memory of the section
+    is committed up front (the *host RAM* behind the simulation, not EPC: EPC is still allocated per
+    first touch by the model).
+  - ``anonymous``: private anonymous memory in MISSING mode, answered with UFFDIO_COPY of an all-ones
+    page: host memory only for touched pages.
 
 Refusal: when ``sgx_vepc_fault`` returns VM_FAULT_SIGBUS (``fixup_user_fault`` -EFAULT; linux-sgx.md
 §4.10), the page is made PROT_NONE and the waiting fault woken: the real KVM's retry of ``hva_to_pfn``
@@ -35,6 +43,7 @@ fault -- the kernel's vepc has no fault-around (``sgx_vepc_vm_ops`` has only ``.
 from __future__ import annotations
 
 import errno
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -51,11 +60,14 @@ from vepc.kernel.mm import (
 from vepc.kvm import Kvm, Vcpu
 from vepc.machine import Machine
 from vepc.realkvm.kvm_api import HostMapping
-from vepc.realkvm.uffd import UFFD_FEATURE_THREAD_ID, Userfaultfd
+from vepc.realkvm.uffd import UFFD_FEATURE_MINOR_SHMEM, UFFD_FEATURE_THREAD_ID, Userfaultfd, minor_shmem_usable
 from vepc.types import PhysAddr
 
 __all__ = ["ModelHost", "RamWindow", "VirtualEpc", "EpcSectionBackend", "Refusal", "EXTERNAL_RAM_BASE",
-           "ResetError"]
+           "ResetError", "BACKINGS"]
+
+#: The host backings of a section's range (module docstring); "auto" is memfd where MINOR mode works.
+BACKINGS = ("auto", "memfd", "anonymous")
 
 #: Where the model's physical address space holds the real guest's RAM: above the model's RAM and EPC.
 EXTERNAL_RAM_BASE = 0x4000000000
@@ -230,7 +242,9 @@ class Refusal:
 
 @dataclass
 class EpcSectionBackend:
-    """One EPC section: the real host range (a memslot) and the model vepc file behind it."""
+    """One EPC section: the real host range (a memslot) and the model vepc file behind it; with the memfd
+    backing, ``fill`` is a second mapping of the memfd (not registered) through which the page cache is
+    written."""
 
     index: int
     gpa: int
@@ -240,6 +254,7 @@ class EpcSectionBackend:
     model_hva: int
     populated: bytearray = field(default_factory=bytearray)
     protected: bool = False
+    fill: HostMapping | None = None
 
     @property
     def nr_pages(self) -> int:
@@ -254,15 +269,22 @@ class VirtualEpc:
 
     ``fault_around`` (default 1 = the kernel's one page per fault) is the opt-in deviation described in the
     module docstring. ``spin`` is how long (seconds) the handler polls for the next fault before sleeping.
+    ``backing``: "memfd", "anonymous" or "auto" (memfd where MINOR mode works; module docstring).
     """
 
-    def __init__(self, model: ModelHost, fault_around: int = 1, spin: float = 200e-6) -> None:
+    def __init__(self, model: ModelHost, fault_around: int = 1, spin: float = 200e-6, backing: str = "auto") -> None:
         if fault_around < 1 or fault_around & (fault_around - 1) or fault_around > 512:
             raise ValueError("fault_around must be a power of two between 1 and 512 pages")
+        if backing not in BACKINGS:
+            raise ValueError(f"backing {backing!r}: must be one of {', '.join(BACKINGS)}")
+        if backing == "auto":
+            backing = "memfd" if minor_shmem_usable()[0] else "anonymous"
         self.model = model
         self.fault_around = fault_around
         self.spin = spin
-        self.uffd = Userfaultfd(features=UFFD_FEATURE_THREAD_ID)
+        self.backing = backing
+        self.minor = backing == "memfd"
+        self.uffd = Userfaultfd(features=UFFD_FEATURE_THREAD_ID | (UFFD_FEATURE_MINOR_SHMEM if self.minor else 0))
         self.abort_page = HostMapping(fault_around * PAGE_SIZE)
         self.abort_page.view[:] = b"\xff" * (fault_around * PAGE_SIZE)
         self.sections: list[EpcSectionBackend] = []
@@ -285,13 +307,26 @@ class VirtualEpc:
             raise ValueError("an EPC section is a positive multiple of 4 KiB at a 4 KiB-aligned address")
         with self.model.lock:
             fd, hva = self.model.open_vepc(size)
-        mapping = HostMapping(size)
+        fill = None
+        if self.minor:
+            memfd = os.memfd_create(f"vepc-epc{len(self.sections)}", os.MFD_CLOEXEC)
+            try:
+                os.ftruncate(memfd, size)
+                mapping, fill = HostMapping(size, fd=memfd), HostMapping(size, fd=memfd)
+            finally:
+                os.close(memfd)                      # the two mappings keep the file
+            fill.view[:] = b"\xff" * size             # the page cache reads as the abort page
+        else:
+            mapping = HostMapping(size)
         try:
-            self.uffd.register(mapping.addr, size)
+            self.uffd.register(mapping.addr, size, minor=self.minor)
         except OSError:
             mapping.close()
+            if fill is not None:
+                fill.close()
             raise
-        sec = EpcSectionBackend(len(self.sections), gpa, size, mapping, fd, hva, bytearray(size >> PAGE_SHIFT))
+        sec = EpcSectionBackend(len(self.sections), gpa, size, mapping, fd, hva, bytearray(size >> PAGE_SHIFT),
+                                fill=fill)
         self.sections.append(sec)
         return sec
 
@@ -353,26 +388,47 @@ class VirtualEpc:
             hva = sec.model_hva + (page << PAGE_SHIFT)
             with model.lock:
                 mark = len(model.events)
-                # What KVM's hva_to_pfn_remapped does for a VM_PFNMAP memslot: fixup_user_fault in the VMM's
-                # mm -> sgx_vepc_fault (one EPC page, or VM_FAULT_SIGBUS -> -EFAULT; linux-sgx.md §4.10).
-                try:
-                    pfn = model.vmm.fixup_user_fault(hva, write=True)
-                except KernelError as e:
-                    # -EBUSY -> VM_FAULT_RETRY forever (nothing reclaimable frees a page): the real fault
-                    # would retry forever too, so the vCPU stays blocked until the VMM's run timeout.
-                    self.stuck.append(Refusal(sec.gpa + (page << PAGE_SHIFT), tid, f"model: {e}"))
-                    return False
-                if pfn < 0:
-                    self._refuse(sec, page, sec.gpa + (page << PAGE_SHIFT), tid, self._refusal_reason(mark))
-                    return False
-                pages = self._fault_around(sec, page) if self.fault_around > 1 else [page]
+                pages = self._fault_block(sec, page) if self.fault_around > 1 else None
+                if pages is None:
+                    # What KVM's hva_to_pfn_remapped does for a VM_PFNMAP memslot: fixup_user_fault in the
+                    # VMM's mm -> sgx_vepc_fault (one EPC page, or VM_FAULT_SIGBUS -> -EFAULT; linux-sgx.md
+                    # §4.10).
+                    try:
+                        pfn = model.vmm.fixup_user_fault(hva, write=True)
+                    except KernelError as e:
+                        # -EBUSY -> VM_FAULT_RETRY forever (nothing reclaimable frees a page): the real fault
+                        # would retry forever too, so the vCPU stays blocked until the VMM's run timeout.
+                        self.stuck.append(Refusal(sec.gpa + (page << PAGE_SHIFT), tid, f"model: {e}"))
+                        return False
+                    if pfn < 0:
+                        self._refuse(sec, page, sec.gpa + (page << PAGE_SHIFT), tid, self._refusal_reason(mark))
+                        return False
+                    pages = self._fault_around(sec, page) if self.fault_around > 1 else [page]
             self._populate_runs(sec, pages)         # UFFDIO_COPY wakes the faulting vCPU
             return True
+
+    def _fault_block(self, sec: EpcSectionBackend, page: int) -> list[int] | None:
+        """Fault-around's fast case: when the model pool holds a whole block (and no EPC cgroup limits it),
+        the K-aligned block around ``page`` is one ``fault_in_range`` -- the vepc's ``fault_range``,
+        the same allocations as page-by-page faults in ascending order, in one call. Returns the pages to
+        populate (mapped in the model, not yet on the real side), or None when this case does not apply or
+        did not map ``page`` (the per-page path then faults it and reports any refusal)."""
+        k = self.fault_around
+        pool = self.model.kernel.pool
+        if pool.nr_free < k or pool.cgroups is not None:
+            return None
+        first = page & ~(k - 1)
+        n = self.model.vmm.fault_in_range(sec.model_hva + (first << PAGE_SHIFT), min(k, sec.nr_pages - first),
+                                          any_size=True)
+        if first + n <= page:
+            return None
+        return [first + i for i, done in enumerate(sec.populated[first:first + n]) if not done]
 
     def _fault_around(self, sec: EpcSectionBackend, page: int) -> list[int]:
         """Deviation (opt-in): also allocate the other pages of the K-aligned block around ``page`` -- while
         the model pool has free pages, so that fault-around never causes a refusal of its own. Returns the
-        pages to populate, ascending. Called with the model lock held.
+        pages to populate, ascending. Called with the model lock held, after ``page`` was allocated, when
+        :meth:`_fault_block` did not apply.
 
         (Populating the faulting page first and the rest while the guest runs was measured slower here: the
         guest runs into pages not yet copied and sleeps on them.)"""
@@ -401,13 +457,15 @@ class VirtualEpc:
             i = j + 1
 
     def _populate(self, sec: EpcSectionBackend, start: int, n: int) -> None:
-        """UFFDIO_COPY the abort page over pages ``[start, start+n)`` of the section (inside the registered
-        range: real-kvm.md, ENOENT past its end); the copy wakes faults waiting there. A page already present
-        (EEXIST) is skipped after waking its waiters (UFFDIO_WAKE)."""
+        """Map pages ``[start, start+n)`` of the section reading as the abort page: UFFDIO_CONTINUE of the
+        memfd's cached pages, or UFFDIO_COPY of the abort page (inside the registered range: real-kvm.md,
+        ENOENT past its end); either wakes faults waiting there. A page already present (EEXIST) is skipped
+        after waking its waiters (UFFDIO_WAKE)."""
         addr = sec.mapping.addr + (start << PAGE_SHIFT)
         end = addr + (n << PAGE_SHIFT)
+        uffd, src = self.uffd, self.abort_page.addr
         while addr < end:                           # bounded: every pass advances at least one page
-            done = self.uffd.copy(addr, self.abort_page.addr, end - addr)
+            done = uffd.cont(addr, end - addr) if self.minor else uffd.copy(addr, src, end - addr)
             if done <= 0:
                 self.uffd.wake(addr)
                 done = PAGE_SIZE
@@ -477,6 +535,8 @@ class VirtualEpc:
                 sec.mapping.protect(0, sec.size, writable=True)
                 sec.protected = False
             sec.mapping.dontneed()
+            if sec.fill is not None:                 # the page cache keeps what the guest wrote: all-ones again
+                sec.fill.view[:] = b"\xff" * sec.size
             sec.populated[:] = bytes(len(sec.populated))
         self.refusals.clear()
         return passes
@@ -488,6 +548,9 @@ class VirtualEpc:
         self.stop()
         self.uffd.close()
         self.abort_page.close()
+        for sec in self.sections:
+            if sec.fill is not None:
+                sec.fill.close()
 
     # -- figures ----------------------------------------------------------------------------------------
     def populated_pages(self) -> int:

@@ -223,8 +223,9 @@ class HostMapping:
     """An anonymous mapping of the VMM (the host virtual range a memslot points at), made with mmap(2)
     through ctypes so that its address is known and it can be ``madvise``d and unmapped explicitly.
 
-    ``shared`` selects MAP_SHARED (else MAP_PRIVATE). Transparent huge pages are turned off
-    (MADV_NOHUGEPAGE) so that every 4 KiB page faults on its own, as EPC pages do.
+    ``shared`` selects MAP_SHARED (else MAP_PRIVATE); ``fd`` maps that file (a memfd) shared instead of
+    anonymous memory. Transparent huge pages are turned off (MADV_NOHUGEPAGE) so that every 4 KiB page
+    faults on its own, as EPC pages do.
 
     >>> m = HostMapping(1 << 16)
     >>> m.view[0:4] = b"abcd"; bytes(m.view[0:4]), m.size
@@ -234,9 +235,12 @@ class HostMapping:
     >>> m.close()
     """
 
-    def __init__(self, size: int, shared: bool = False) -> None:
-        flags = (MAP_SHARED if shared else MAP_PRIVATE) | MAP_ANONYMOUS | MAP_NORESERVE
-        addr = _libc.mmap(None, size, PROT_READ | PROT_WRITE, flags, -1, 0)
+    def __init__(self, size: int, shared: bool = False, fd: int | None = None) -> None:
+        if fd is None:
+            flags = (MAP_SHARED if shared else MAP_PRIVATE) | MAP_ANONYMOUS | MAP_NORESERVE
+        else:
+            flags = MAP_SHARED | MAP_NORESERVE
+        addr = _libc.mmap(None, size, PROT_READ | PROT_WRITE, flags, -1 if fd is None else fd, 0)
         if addr is None or addr == _MAP_FAILED:
             err = ctypes.get_errno()
             raise OSError(err, f"mmap {size:#x}: {os.strerror(err)}")

@@ -102,7 +102,8 @@ class SgxVm:
 
     ``epc``: the guest's EPC section sizes (packed from 4 GiB, vmm-anchors.md §1.3); ``host_epc``: the model
     host's EPC; ``fault_around``: pages allocated per fault (1 = the kernel's behaviour; >1 is an opt-in
-    deviation); ``timeout``: bound on every guest run (seconds).
+    deviation); ``timeout``: bound on every guest run (seconds); ``backing``: the host memory behind the EPC
+    memslots, "auto", "memfd" or "anonymous" (``epc_backend`` module docstring).
 
     Example::
 
@@ -114,7 +115,7 @@ class SgxVm:
 
     def __init__(self, epc: str | int | list = "32M", host_epc: str | list[str] = "64M", ram: int | str = MIN_RAM,
                  vcpus: int = 1, fault_around: int = 1, timeout: float = 30.0, kernel_version: str = "6.8",
-                 spin: float = 200e-6) -> None:
+                 spin: float = 200e-6, backing: str = "auto") -> None:
         sizes = [_size(s, "EPC section size") for s in (epc if isinstance(epc, (list, tuple)) else [epc])]
         ram_size = max(MIN_RAM, (_size(ram, "guest RAM size") + (2 << 20) - 1) & ~((2 << 20) - 1))
         if not 1 <= vcpus <= 2:
@@ -129,7 +130,7 @@ class SgxVm:
             ram_map = self.vm.add_ram(ram_size)
             self.vm.load_program(build_guest())
             self.model.attach_ram(ram_map)
-            self.epc = VirtualEpc(self.model, fault_around=fault_around, spin=spin)
+            self.epc = VirtualEpc(self.model, fault_around=fault_around, spin=spin, backing=backing)
             gpa = EPC_GPA
             for i, size in enumerate(sizes):
                 # hw/i386/sgx-epc.c: sections are packed contiguously in creation order.

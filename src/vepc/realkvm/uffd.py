@@ -1,5 +1,8 @@
-"""userfaultfd(2) through ctypes: create, register a range in MISSING mode, read fault messages, resolve
-them with UFFDIO_COPY / UFFDIO_ZEROPAGE / UFFDIO_WAKE.
+"""userfaultfd(2) through ctypes: create, register a range in MISSING or MINOR mode, read fault messages,
+resolve them with UFFDIO_COPY / UFFDIO_ZEROPAGE / UFFDIO_CONTINUE / UFFDIO_WAKE.
+
+MINOR mode (shmem, UFFD_FEATURE_MINOR_SHMEM, Linux 5.14): a fault on a page that is in the file's page
+cache but not mapped is a message; UFFDIO_CONTINUE maps the cached page without allocating or copying.
 
 Numbers and layouts are include/uapi/linux/userfaultfd.h (checked against the machine's header:
 UFFDIO_API = 0xc018aa3f, UFFDIO_COPY = 0xc028aa03, sizeof(struct uffd_msg) = 32). real-kvm.md lists what
@@ -25,8 +28,8 @@ import struct
 
 from vepc.realkvm.kvm_api import HostMapping, _libc
 
-__all__ = ["Userfaultfd", "UffdFault", "userfaultfd_usable", "UFFD_FEATURE_SIGBUS", "UFFD_FEATURE_THREAD_ID",
-           "UFFD_PAGEFAULT_FLAG_WRITE", "UFFD_EVENT_PAGEFAULT"]
+__all__ = ["Userfaultfd", "UffdFault", "userfaultfd_usable", "minor_shmem_usable", "UFFD_FEATURE_SIGBUS",
+           "UFFD_FEATURE_THREAD_ID", "UFFD_FEATURE_MINOR_SHMEM", "UFFD_PAGEFAULT_FLAG_WRITE", "UFFD_EVENT_PAGEFAULT"]
 
 # include/uapi/linux/userfaultfd.h
 UFFD_API = 0xAA
@@ -47,11 +50,14 @@ UFFDIO_UNREGISTER = _ior(0x01, 16)
 UFFDIO_WAKE = _ior(0x02, 16)
 UFFDIO_COPY = _iowr(0x03, 40)
 UFFDIO_ZEROPAGE = _iowr(0x04, 32)
+UFFDIO_CONTINUE = _iowr(0x07, 32)
 USERFAULTFD_IOC_NEW = (_UFFDIO << 8) | 0x00
 UFFDIO_REGISTER_MODE_MISSING = 1
+UFFDIO_REGISTER_MODE_MINOR = 4
 UFFDIO_COPY_MODE_DONTWAKE = 1
 UFFD_FEATURE_SIGBUS = 1 << 7
 UFFD_FEATURE_THREAD_ID = 1 << 8
+UFFD_FEATURE_MINOR_SHMEM = 1 << 10
 UFFD_EVENT_PAGEFAULT = 0x12
 UFFD_PAGEFAULT_FLAG_WRITE = 1
 #: arch/x86/entry/syscalls/syscall_64.tbl
@@ -82,6 +88,10 @@ class UffdioCopy(ctypes.Structure):
 
 class UffdioZeropage(ctypes.Structure):
     _fields_ = [("range", UffdRange), ("mode", ctypes.c_uint64), ("zeropage", ctypes.c_int64)]
+
+
+class UffdioContinue(ctypes.Structure):
+    _fields_ = [("range", UffdRange), ("mode", ctypes.c_uint64), ("mapped", ctypes.c_int64)]
 
 
 class UffdFault(tuple):
@@ -143,6 +153,7 @@ class Userfaultfd:
         self.ioctls = api.ioctls
         self._copy = UffdioCopy()
         self._zero = UffdioZeropage()
+        self._cont = UffdioContinue()
         self._range = UffdRange()
         self._buf = bytearray(MSG_SIZE * 64)
         self.closed = False
@@ -159,12 +170,14 @@ class Userfaultfd:
         finally:
             os.close(dev)
 
-    def register(self, start: int, length: int) -> None:
-        """UFFDIO_REGISTER ``[start, start+length)`` in MISSING mode: each first touch becomes a message.
+    def register(self, start: int, length: int, minor: bool = False) -> None:
+        """UFFDIO_REGISTER ``[start, start+length)`` in MISSING mode: each first touch becomes a message;
+        ``minor``: MINOR mode (a shmem range, the descriptor made with UFFD_FEATURE_MINOR_SHMEM): each
+        touch of a cached but unmapped page becomes a message.
 
         Example: ``u.register(mapping.addr, mapping.size)``."""
-        reg = UffdioRegister(UffdRange(start, length), UFFDIO_REGISTER_MODE_MISSING, 0)
-        _ioctl(self.fd, UFFDIO_REGISTER, reg)
+        mode = UFFDIO_REGISTER_MODE_MINOR if minor else UFFDIO_REGISTER_MODE_MISSING
+        _ioctl(self.fd, UFFDIO_REGISTER, UffdioRegister(UffdRange(start, length), mode, 0))
 
     def unregister(self, start: int, length: int) -> None:
         """UFFDIO_UNREGISTER (wakes any fault still waiting in the range). Example: ``u.unregister(a, n)``."""
@@ -185,6 +198,22 @@ class Userfaultfd:
                 return c.copy
             raise OSError(err, f"UFFDIO_COPY {dst:#x}+{length:#x}: {os.strerror(err)}")
         return c.copy
+
+    def cont(self, dst: int, length: int = PAGE_SIZE) -> int:
+        """UFFDIO_CONTINUE: map the page-cache pages behind ``[dst, dst+length)`` of a MINOR range (no copy);
+        returns the bytes mapped; EEXIST (already mapped) returns 0, as :meth:`copy` does.
+
+        Example: ``u.cont(fault.address & ~4095)`` → 4096."""
+        c = self._cont
+        c.range.start, c.range.len, c.mode, c.mapped = dst, length, 0, 0
+        if _libc.ioctl(self.fd, UFFDIO_CONTINUE, ctypes.addressof(c)) < 0:
+            err = ctypes.get_errno()
+            if err == errno.EEXIST:
+                return 0
+            if err == errno.EAGAIN and c.mapped > 0:
+                return c.mapped
+            raise OSError(err, f"UFFDIO_CONTINUE {dst:#x}+{length:#x}: {os.strerror(err)}")
+        return c.mapped
 
     def zeropage(self, dst: int, length: int = PAGE_SIZE) -> int:
         """UFFDIO_ZEROPAGE (maps the shared zero page for private memory: a later write faults again).
@@ -259,5 +288,35 @@ def userfaultfd_usable() -> tuple[bool, str]:
         return True, ""
     except OSError as e:
         return False, f"userfaultfd registration failed: {e}"
+    finally:
+        u.close()
+
+
+def minor_shmem_usable() -> tuple[bool, str]:
+    """``(True, "")`` when a memfd range can be registered in MINOR mode here (userfaultfd with
+    UFFD_FEATURE_MINOR_SHMEM, Linux 5.14+).
+
+    >>> isinstance(minor_shmem_usable()[0], bool)
+    True
+    """
+    try:
+        u = Userfaultfd(features=UFFD_FEATURE_MINOR_SHMEM)
+    except OSError as e:
+        return False, f"userfaultfd MINOR_SHMEM unavailable: {e.strerror or e}"
+    try:
+        fd = os.memfd_create("vepc-probe", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(fd, PAGE_SIZE)
+            m = HostMapping(PAGE_SIZE, fd=fd)
+            try:
+                u.register(m.addr, PAGE_SIZE, minor=True)
+                u.unregister(m.addr, PAGE_SIZE)
+            finally:
+                m.close()
+        finally:
+            os.close(fd)
+        return True, ""
+    except OSError as e:
+        return False, f"MINOR registration of a memfd failed: {e}"
     finally:
         u.close()
