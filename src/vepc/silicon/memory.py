@@ -171,13 +171,62 @@ class EpcStore:
             else:
                 rows[o] = src
 
-    def store_many(self, indices: np.ndarray, pages: list) -> None:
-        """Page ``indices[i]`` gets ``pages[i]`` (4096 bytes each); a run of new consecutive pages is one copy."""
+    def views(self, indices: np.ndarray) -> list:
+        """``get`` of every page of ``indices``: its writable view, or None without contents."""
+        if self._slot is None:
+            return [None] * len(indices)
+        views, chunk = self._views, self.CHUNK
+        out = []
+        for s in (self._slot[np.asarray(indices, dtype=np.int64)].astype(np.int64) - 1).tolist():
+            if s < 0:
+                out.append(None)
+            else:
+                off = (s & (chunk - 1)) * PAGE_SIZE
+                out.append(views[s // chunk][off:off + PAGE_SIZE])
+        return out
+
+    def present(self, indices: np.ndarray) -> np.ndarray:
+        """``index in self`` of every page of ``indices`` (a bool array)."""
+        if self._slot is None:
+            return np.zeros(len(indices), dtype=bool)
+        return self._slot[np.asarray(indices, dtype=np.int64)] != 0
+
+    def make_present(self, indices: np.ndarray) -> list:
+        """``page`` of every page of ``indices`` (distinct): views of their slots, a page without contents
+        taking a zeroed slot -- free slots in ``pop`` order, then fresh consecutive ones, as ``store_run``
+        assigns them, in one pass instead of one ``page`` call each."""
+        indices = np.asarray(indices, dtype=np.int64)
+        if self._slot is None:
+            self._slot = np.zeros(self.nr_pages, dtype=np.uint32)
+        slots = self._slot[indices].astype(np.int64) - 1
+        need = np.flatnonzero(slots < 0)
+        k = len(need)
+        if k:
+            take = min(k, len(self._free))
+            new = np.empty(k, dtype=np.int64)
+            if take:
+                new[:take] = self._free[len(self._free) - take:][::-1]
+                del self._free[len(self._free) - take:]
+            if k > take:
+                s0 = self._fresh(k - take)
+                new[take:] = np.arange(s0, s0 + k - take, dtype=np.int64)
+            slots[need] = new
+            self._slot[indices[need]] = (new + 1).astype(np.uint32)
+            self._count += k
+        views, chunk = self._views, self.CHUNK
+        return [views[s // chunk][(s & (chunk - 1)) * PAGE_SIZE:((s & (chunk - 1)) + 1) * PAGE_SIZE]
+                for s in slots.tolist()]
+
+    def store_many(self, indices: np.ndarray, pages) -> None:
+        """Page ``indices[i]`` gets ``pages[i]`` (4096 bytes each: a list, or the rows of an n x 4096 uint8
+        array); a run of new consecutive pages is one copy."""
         n = len(pages)
         if not n:
             return
         if n > 1 and len(self._free) < n and is_run(indices):
-            self.store_run(int(indices[0]), np.frombuffer(b"".join(pages), dtype=np.uint8).reshape(n, PAGE_SIZE))
+            rows = pages if isinstance(pages, np.ndarray) else \
+                np.frombuffer(b"".join(pages), dtype=np.uint8).reshape(n, PAGE_SIZE)
+            self.store_run(int(indices[0]), rows)
         else:
             for ix, page in zip(np.asarray(indices).tolist(), pages):
                 self[ix] = page

@@ -30,8 +30,6 @@ __all__ = ["ewb_batch", "eldu_batch"]
 _VA = int(PageType.VA)
 _CHILD_TYPES = frozenset(int(t) for t in CHILD_TYPES)
 _SI_PENDING, _SI_MODIFIED, _SI_PR = int(SecinfoFlag.PENDING), int(SecinfoFlag.MODIFIED), int(SecinfoFlag.PR)
-_ZERO_SLOT = bytes(VA_SLOT_SIZE)
-_ZERO40 = bytes(40)
 _ZERO_PAGE = bytes(PAGE_SIZE)
 
 
@@ -40,11 +38,54 @@ def _va_ok(proc, va_idx: np.ndarray) -> np.ndarray:
     return ((f & VALID) != 0) & (((f & PT_MASK) >> PT_SHIFT) == _VA)
 
 
+def _headers(n: int, secinfo: np.ndarray, eid: np.ndarray, linaddr: np.ndarray, version: np.ndarray,
+             reserved: np.ndarray | None = None) -> np.ndarray:
+    """``mac_header`` of ``n`` pages as rows of one (n, 128) array: SECINFO (64 bytes) | EID | LINADDR |
+    VERSION (8 bytes each, little-endian) | 40 reserved bytes (zero, or ELDU's PCMD.RESERVED)."""
+    h = np.zeros((n, 128), dtype=np.uint8)
+    h[:, :64] = secinfo
+    h64 = h.view("<u8")
+    h64[:, 8] = eid
+    h64[:, 9] = linaddr
+    h64[:, 10] = version
+    if reserved is not None:
+        h[:, 88:] = reserved
+    return h
+
+
+def _nonces(version: np.ndarray) -> memoryview:
+    """``_nonce(version)`` of every page, 12 bytes each, back to back: ``(version << 32)`` little-endian."""
+    n16 = np.zeros((len(version), 2), dtype="<u8")
+    n16[:, 0] = version << np.uint64(32)
+    n16[:, 1] = version >> np.uint64(32)
+    return memoryview(np.ascontiguousarray(n16.view(np.uint8)[:, :12])).cast("B")
+
+
+def _slot_key(va_idx: np.ndarray, va_off: np.ndarray) -> np.ndarray:
+    return va_idx * (PAGE_SIZE // VA_SLOT_SIZE) + va_off // VA_SLOT_SIZE
+
+
+def _va_words(store, va_idx: np.ndarray, va_off: np.ndarray, create: bool):
+    """``(vi, rows, words)`` per distinct VA page of ``va_idx``: the positions ``rows`` using it and its
+    contents as 512 little-endian words (None when the page holds no contents and ``create`` is false)."""
+    for vi in np.unique(va_idx).tolist():
+        rows = np.flatnonzero(va_idx == vi)
+        view = store.page(vi) if create else store.get(vi)
+        yield vi, rows, (np.frombuffer(view, dtype="<u8") if view is not None else None)
+
+
 def ewb_batch(lp, idx: np.ndarray, va_idx: np.ndarray, va_off: np.ndarray, out: np.ndarray,
               pcmd_out: np.ndarray) -> int:
     """EWB of EPC pages ``idx`` in order, page ``i`` into VA slot ``va_off[i]`` of VA page ``va_idx[i]``,
     sealed contents to ``out[i]`` (4096 bytes) and PCMD to ``pcmd_out[i]`` (128 bytes). Returns how many
-    leading pages were written back (and are now invalid)."""
+    leading pages were written back (and are now invalid).
+
+    Every check of a page (tracking, VA slot free) is decided before any page is sealed: nothing a page's
+    write-back changes is read by a later page's check (distinct pages; a slot used twice stops the batch
+    at its second use, which the per-page leaf then answers with SGX_VA_SLOT_OCCUPIED). Headers, nonces,
+    PCMDs and VA slots are then written as arrays; only the sealing is a loop (``encrypt_into`` straight
+    into the caller's rows: a page's tag lands at the start of the next row and is moved to its PCMD
+    before that row is sealed)."""
     proc = lp.processor
     epcm = proc.epcm
     idx = np.asarray(idx, dtype=np.int64)
@@ -55,81 +96,100 @@ def ewb_batch(lp, idx: np.ndarray, va_idx: np.ndarray, va_off: np.ndarray, out: 
         return 0
     ok = (idx >= 0) & (idx < epcm.nr_pages) & (va_idx >= 0) & (va_idx < epcm.nr_pages) & (idx != va_idx)
     ok &= (va_off % VA_SLOT_SIZE == 0) & (va_off >= 0) & (va_off < PAGE_SIZE)
-    bad = np.flatnonzero(~ok)
-    n = int(bad[0]) if len(bad) else n
+    n = _first_false(ok)
     f = epcm.flags[idx[:n]].astype(np.int64)
     pt = (f & PT_MASK) >> PT_SHIFT
     ok = ((f & VALID) != 0) & ((f & BLOCKED) != 0) & np.isin(pt, [int(t) for t in CHILD_TYPES])
     ok &= _va_ok(proc, va_idx[:n])
-    bad = np.flatnonzero(~ok)
-    n = int(bad[0]) if len(bad) else n
+    n = _first_false(ok)
     if n > 1:
-        n = min(n, _first_duplicate(idx[:n]))
-    aes = AESGCM(proc.paging_key)
+        n = min(n, _first_duplicate(idx[:n]), _first_duplicate(_slot_key(va_idx[:n], va_off[:n])))
+    if not n:
+        return 0
     enclaves = proc.enclaves
     store = proc.memory.epc
     epochs = proc.modify_epochs
-    out_mv = _rows(out, out=True)
-    pcmd_mv = _rows(pcmd_out, out=True)
-    secinfo_cache: dict[int, bytes] = {}
-    va_views: dict = {}                                  # VA page -> its contents (a slot stays put)
-    done = 0
     with proc.lock:
         idx_l = idx[:n].tolist()
-        f_l = f[:n].tolist()
-        secs_l = epcm.secs[idx[:n]].tolist()
-        off_l = epcm.offset[idx[:n]].tolist()
-        va_l = va_idx[:n].tolist()
-        vo_l = va_off[:n].tolist()
+        usecs, inv = np.unique(epcm.secs[idx[:n]], return_inverse=True)
+        sts = [enclaves[s] for s in usecs.tolist()]
+        for j, st in enumerate(sts):                         # tracking, per enclave
+            rows = np.flatnonzero(inv == j)
+            if st.tracked_lps:                               # tracking_complete(): LPs still inside
+                bad = rows
+            elif not st.bepoch:                              # every page blocked in the current epoch
+                bad = rows if not tracking_complete(st, st.cbepoch) else rows[:0]
+            else:                                            # tracking_complete() of each page's epoch
+                get, cb = st.bepoch.get, st.cbepoch
+                ep = np.fromiter((get(idx_l[r], cb) for r in rows.tolist()), dtype=np.int64, count=len(rows))
+                bad = rows[ep >= st.track_epoch]
+            if len(bad):
+                n = min(n, int(bad[0]))                      # SGX_NOT_TRACKED: the per-page leaf says so
+        for _, rows, words in _va_words(store, va_idx[:n], va_off[:n], create=False):
+            if words is not None:
+                busy = np.flatnonzero(words[va_off[rows] // VA_SLOT_SIZE] != 0)
+                if len(busy):
+                    n = min(n, int(rows[busy[0]]))           # SGX_VA_SLOT_OCCUPIED: per page
+        if not n:
+            return 0
+        idx_n, f, inv, va_n, vo_n = idx[:n], f[:n], inv[:n], va_idx[:n], va_off[:n]
+        uf, finv = np.unique(f, return_inverse=True)
+        secinfo = np.frombuffer(b"".join(Secinfo(flags=pcmd_secinfo_flags(x)).pack() for x in uf.tolist()),
+                                dtype=np.uint8).reshape(len(uf), 64)[finv]
+        eid = np.array([st.eid for st in sts], dtype=np.uint64)[inv]
+        linaddr = np.array([st.base for st in sts], dtype=np.int64)[inv] + (epcm.offset[idx_n].astype(np.int64) << 12)
+        version = np.arange(proc._version + 1, proc._version + 1 + n, dtype=np.uint64)
+        proc._version += n                                   # proc.next_version() per page: fresh, never reused
+        hdr = memoryview(_headers(n, secinfo, eid, linaddr.astype(np.uint64), version)).cast("B")
+        nonce = _nonces(version)
+        out_mv = _rows(out, out=True)
+        pcmd_mv = _rows(pcmd_out, out=True)
+        pcmd = pcmd_out.reshape(-1, PCMD_SIZE)
+        pcmd[:n, :64] = secinfo                              # PCMD: SECINFO | ENCLAVEID | 40 reserved | MAC
+        pcmd[:n].view("<u8")[:, 8] = eid
+        pcmd[:n, 72:112] = 0
+        srcs = store.views(idx_n)
+        aes = AESGCM(proc.paging_key)
+        last = bytearray(PAGE_SIZE + 16)
         for i in range(n):
-            ix = idx_l[i]
-            st = enclaves[secs_l[i]]
-            if not tracking_complete(st, st.bepoch.get(ix, st.cbepoch)):
-                break                                        # SGX_NOT_TRACKED: the per-page leaf says so
-            vi, vo = va_l[i], vo_l[i]
-            slot = va_views.get(vi)
-            if slot is None:
-                slot = va_views[vi] = store.get(vi)
-            if slot is not None and slot[vo:vo + VA_SLOT_SIZE] != _ZERO_SLOT:
-                break                                        # SGX_VA_SLOT_OCCUPIED: per page
-            fi = f_l[i]
-            secinfo = secinfo_cache.get(fi)
-            if secinfo is None:
-                secinfo = secinfo_cache[fi] = Secinfo(flags=pcmd_secinfo_flags(fi)).pack()
-            proc._version += 1                               # proc.next_version(): fresh, never reused
-            version = proc._version
-            eid = st.eid.to_bytes(8, "little")
-            linaddr = st.base + (off_l[i] << 12)
-            # mac_header(): SECINFO | EID | LINADDR | VERSION | 40 reserved bytes.
-            header = secinfo + eid + linaddr.to_bytes(8, "little") + version.to_bytes(8, "little") + _ZERO40
-            page = store.get(ix)                             # contents go ("Free up EPCM Entry"), below
-            sealed = aes.encrypt((version << 32).to_bytes(12, "little"), page if page is not None else _ZERO_PAGE,
-                                 header)
-            sv = memoryview(sealed)
-            out_mv[i * PAGE_SIZE:(i + 1) * PAGE_SIZE] = sv[:PAGE_SIZE]
-            pcmd_mv[i * PCMD_SIZE:(i + 1) * PCMD_SIZE] = secinfo + eid + _ZERO40 + sealed[PAGE_SIZE:]
-            if slot is None:
-                slot = va_views[vi] = proc.memory.epc_page(vi)
-            slot[vo:vo + VA_SLOT_SIZE] = version.to_bytes(VA_SLOT_SIZE, "little")
-            if epochs:
+            src = srcs[i]
+            o = i * PAGE_SIZE
+            if i + 1 < n:
+                aes.encrypt_into(nonce[12 * i:12 * i + 12], src if src is not None else _ZERO_PAGE,
+                                 hdr[128 * i:128 * i + 128], out_mv[o:o + PAGE_SIZE + 16])
+                pcmd_mv[128 * i + 112:128 * i + 128] = out_mv[o + PAGE_SIZE:o + PAGE_SIZE + 16]
+            else:
+                aes.encrypt_into(nonce[12 * i:12 * i + 12], src if src is not None else _ZERO_PAGE,
+                                 hdr[128 * i:128 * i + 128], last)
+                out_mv[o:o + PAGE_SIZE] = memoryview(last)[:PAGE_SIZE]
+                pcmd_mv[128 * i + 112:128 * i + 128] = memoryview(last)[PAGE_SIZE:]
+        for _, rows, words in _va_words(store, va_n, vo_n, create=True):
+            words[vo_n[rows] // VA_SLOT_SIZE] = version[rows]
+        if epochs:
+            for ix in idx_l[:n]:
                 epochs.pop(ix, None)
-            st.child_count -= 1
-            st.bepoch.pop(ix, None)
-            done += 1
-        if done:
-            rows = idx[:done]
-            store.clear_many(rows)
-            epcm.flags[rows] = 0
-            epcm.secs[rows] = 0
-            epcm.offset[rows] = 0
-    return done
+        counts = np.bincount(inv, minlength=len(sts)).tolist()
+        for j, st in enumerate(sts):
+            st.child_count -= counts[j]
+            if st.bepoch:
+                for r in np.flatnonzero(inv == j).tolist():
+                    st.bepoch.pop(idx_l[r], None)
+        store.clear_many(idx_n)                              # SDM EWB: "Free up EPCM Entry"
+        epcm.flags[idx_n] = 0
+        epcm.secs[idx_n] = 0
+        epcm.offset[idx_n] = 0
+    return n
 
 
 def eldu_batch(lp, idx: np.ndarray, secs_idx: int, linaddrs: np.ndarray, va_idx: np.ndarray,
                va_off: np.ndarray, contents: np.ndarray, pcmds: np.ndarray) -> int:
     """ELDU of sealed pages ``contents[i]`` / ``pcmds[i]`` (child pages of the enclave whose SECS is EPC
     page ``secs_idx``, at ``linaddrs[i]``) into invalid EPC pages ``idx[i]``, versions from the VA slots.
-    Returns how many leading pages were loaded."""
+    Returns how many leading pages were loaded.
+
+    As :func:`ewb_batch`: the checks first (page type from the PCMD; a slot used twice stops the batch at
+    its second use, which the per-page leaf then reads as cleared), headers and nonces as arrays, one
+    ``decrypt_into`` per page into a row of the loaded pages, stopping at the first MAC mismatch."""
     proc = lp.processor
     epcm = proc.epcm
     idx = np.asarray(idx, dtype=np.int64)
@@ -145,69 +205,77 @@ def eldu_batch(lp, idx: np.ndarray, secs_idx: int, linaddrs: np.ndarray, va_idx:
     st = proc.enclaves[secs_idx]
     ok = (idx >= 0) & (idx < epcm.nr_pages) & (va_idx >= 0) & (va_idx < epcm.nr_pages)
     ok &= (va_off % VA_SLOT_SIZE == 0) & (va_off >= 0) & (va_off < PAGE_SIZE)
-    bad = np.flatnonzero(~ok)
-    n = int(bad[0]) if len(bad) else n
+    n = _first_false(ok)
     ok = ((epcm.flags[idx[:n]] & VALID) == 0) & _va_ok(proc, va_idx[:n])
-    bad = np.flatnonzero(~ok)
-    n = int(bad[0]) if len(bad) else n
+    n = _first_false(ok)
     if n > 1:
-        n = min(n, _first_duplicate(idx[:n]))
-    aes = AESGCM(proc.paging_key)
+        n = min(n, _first_duplicate(idx[:n]), _first_duplicate(_slot_key(va_idx[:n], va_off[:n])))
+    if not n:
+        return 0
+    pcmd = np.frombuffer(_rows(pcmds), dtype=np.uint8)[:n * PCMD_SIZE].reshape(n, PCMD_SIZE)
+    sflags = pcmd.view("<u8")[:, 0].astype(np.int64)
+    pt = (sflags >> 8) & 0xFF
+    n = _first_false(np.isin(pt, sorted(_CHILD_TYPES)))      # SECS/VA pages: per page
+    if not n:
+        return 0
     store = proc.memory.epc
     epochs = proc.modify_epochs
-    cont_mv = _rows(contents)
-    pcmd_mv = _rows(pcmds)
-    eid = st.eid
-    base = st.base
-    flags_out: list[int] = []
-    loaded: list[bytes] = []
-    va_views: dict = {}                                  # VA page -> its contents (a slot stays put)
-    done = 0
     with proc.lock:
-        idx_l = idx[:n].tolist()
-        va_l = va_idx[:n].tolist()
-        vo_l = va_off[:n].tolist()
-        lin_l = linaddrs[:n].tolist()
+        pcmd, sflags, pt, va_n, vo_n = pcmd[:n], sflags[:n], pt[:n], va_idx[:n], va_off[:n]
+        version = np.zeros(n, dtype=np.uint64)
+        for _, rows, words in _va_words(store, va_n, vo_n, create=False):
+            if words is not None:
+                version[rows] = words[vo_n[rows] // VA_SLOT_SIZE]
+        eid = np.full(n, st.eid, dtype=np.uint64)
+        hdr = memoryview(_headers(n, pcmd[:, :64], eid, linaddrs[:n].astype(np.uint64), version,
+                                  reserved=pcmd[:, 72:112])).cast("B")
+        nonce = _nonces(version)
+        cont_mv = _rows(contents)
+        pcmd_mv = _rows(pcmds)
+        sealed = bytearray(PAGE_SIZE + 16)                   # ciphertext | MAC, as decrypt takes them
+        sealed_mv = memoryview(sealed)
+        # Decrypted straight into the destination pages' slots (the ones EWB just freed, typically); a page
+        # that holds contents already is decrypted aside first, so a MAC mismatch leaves them as they were.
+        had = store.present(idx[:n])
+        dst = store.make_present(idx[:n])
+        aside = bytearray(PAGE_SIZE) if had.any() else None
+        had_l = had.tolist()
+        aes = AESGCM(proc.paging_key)
+        done = 0
         for i in range(n):
-            pcmd = bytes(pcmd_mv[i * PCMD_SIZE:(i + 1) * PCMD_SIZE])
-            sflags = int.from_bytes(pcmd[:8], "little")
-            pt = (sflags >> 8) & 0xFF
-            if pt not in _CHILD_TYPES:
-                break                                        # SECS/VA pages: per page
-            vi, vo = va_l[i], vo_l[i]
-            slot = va_views.get(vi)
-            if slot is None:
-                slot = va_views[vi] = store.get(vi)
-            version = int.from_bytes(slot[vo:vo + VA_SLOT_SIZE], "little") if slot is not None else 0
-            linaddr = lin_l[i]
-            # mac_header(PCMD.SECINFO, SECS.EID, LINADDR, version, PCMD.RESERVED).
-            header = pcmd[:64] + eid.to_bytes(8, "little") + linaddr.to_bytes(8, "little") + \
-                version.to_bytes(8, "little") + pcmd[72:112]
+            sealed_mv[:PAGE_SIZE] = cont_mv[PAGE_SIZE * i:PAGE_SIZE * (i + 1)]
+            sealed_mv[PAGE_SIZE:] = pcmd_mv[PCMD_SIZE * i + 112:PCMD_SIZE * (i + 1)]
             try:
-                page = aes.decrypt((version << 32).to_bytes(12, "little"),
-                                   bytes(cont_mv[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]) + pcmd[112:128], header)
+                aes.decrypt_into(nonce[12 * i:12 * i + 12], sealed, hdr[128 * i:128 * i + 128],
+                                 aside if had_l[i] else dst[i])
             except InvalidTag:
                 break                                        # SGX_MAC_COMPARE_FAIL: per page
-            if slot is None:
-                slot = va_views[vi] = proc.memory.epc_page(vi)
-            slot[vo:vo + VA_SLOT_SIZE] = _ZERO_SLOT
-            ix = idx_l[i]
-            loaded.append(page)                              # stored below, in one copy for a run
-            flags_out.append(VALID | (pt << PT_SHIFT) | ((sflags & 0x7) << RWX_SHIFT)
-                             | (PENDING if sflags & _SI_PENDING else 0)
-                             | (MODIFIED if sflags & _SI_MODIFIED else 0)
-                             | (PR if sflags & _SI_PR else 0))
-            if epochs:
-                epochs.pop(ix, None)
+            if had_l[i]:
+                dst[i][:] = aside
             done += 1
+        for i in range(n - 1, done - 1, -1):                 # not loaded: no contents (zeroed, slots back)
+            if not had_l[i]:
+                store.pop(int(idx[i]))
         if done:
+            for _, rows, words in _va_words(store, va_n[:done], vo_n[:done], create=True):
+                words[vo_n[rows] // VA_SLOT_SIZE] = 0
             rows = idx[:done]
-            store.store_many(rows, loaded)
-            epcm.flags[rows] = flags_out
+            if epochs:
+                for ix in rows.tolist():
+                    epochs.pop(ix, None)
+            sf = sflags[:done]
+            epcm.flags[rows] = (VALID | (pt[:done] << PT_SHIFT) | ((sf & 0x7) << RWX_SHIFT)
+                                | np.where(sf & _SI_PENDING, PENDING, 0) | np.where(sf & _SI_MODIFIED, MODIFIED, 0)
+                                | np.where(sf & _SI_PR, PR, 0))
             epcm.secs[rows] = secs_idx
-            epcm.offset[rows] = (linaddrs[:done] - base) >> 12
+            epcm.offset[rows] = (linaddrs[:done] - st.base) >> 12
             st.child_count += done
     return done
+
+
+def _first_false(ok: np.ndarray) -> int:
+    bad = np.flatnonzero(~ok)
+    return int(bad[0]) if len(bad) else len(ok)
 
 
 def _rows(a: np.ndarray, out: bool = False) -> memoryview:
