@@ -124,19 +124,26 @@ class PageArray:
     def indices(self) -> np.ndarray:
         return np.flatnonzero(self._a)
 
-    def entries(self) -> tuple["np.ndarray | range", np.ndarray]:
+    def entries(self, raw: bool = False) -> tuple["np.ndarray | range", np.ndarray]:
         """``(indices, pages)`` of the present entries in index order; ``indices`` is a ``range`` when
-        they are a run (a fully populated instance), so callers can use slices."""
+        they are a run (a fully populated instance), so callers can use slices. ``raw``: the stored
+        values (page + 1, uint32; a view where the entries are a run) -- a caller converting them a chunk
+        at a time saves a pass over the whole array."""
         a = self._a
         n = self._n
         if n:
-            nz = a != 0
-            lo = int(np.argmax(nz))
-            hi = len(a) - int(np.argmax(nz[::-1]))
+            if a[0] and np.count_nonzero(a[:n]) == n:      # indices 0 .. n-1 (a populated instance)
+                lo, hi = 0, n
+            else:
+                nz = a != 0
+                lo = int(np.argmax(nz))
+                hi = len(a) - int(np.argmax(nz[::-1]))
             if hi - lo == n:
-                return range(lo, hi), a[lo:hi].astype(np.int64) - 1
+                seg = a[lo:hi]
+                return range(lo, hi), seg if raw else np.subtract(seg, 1, dtype=np.int64)
         idx = np.flatnonzero(a)
-        return idx, a[idx].astype(np.int64) - 1
+        vals = a[idx]
+        return idx, vals if raw else np.subtract(vals, 1, dtype=np.int64)
 
     def pages(self) -> np.ndarray:
         """The pages in index order (int64)."""

@@ -338,19 +338,32 @@ class VepcDriver(FileOps):
     def _release_pass1_batch(self, pa: PageArray) -> None:
         """Pass 1 of release for the whole page array: ``sgx_vepc_free_page`` of every entry in index
         order (a chunk at a time); the entries that failed stay for pass 2."""
-        indices, pages = pa.entries()
-        i, n = 0, len(pages)
+        indices, raw = pa.entries(raw=True)
+        i, n = 0, len(raw)
+        # While every entry so far was freed, nothing is erased: at the end the whole array goes at once.
+        # The first failure erases what was freed before it, and from then on each chunk erases its own.
+        pending = True
+
+        def stop_pending() -> None:
+            nonlocal pending
+            if pending:
+                pa.erase_many(indices[:i])
+                pending = False
+
         while i < n:
             hi = min(n, i + RELEASE_CHUNK)
-            rets = self.remove_pages_batch(pages[i:hi])
+            pages = np.subtract(raw[i:hi], 1, dtype=np.int64)           # this chunk's pages (int64)
+            rets = self.remove_pages_batch(pages)
             if len(rets):
                 ok = rets == 0
-                seg_pages = pages[i:i + len(rets)]
+                seg_pages = pages[:len(rets)]
                 seg_index = indices[i:i + len(rets)]
                 if ok.all():
                     self.pool.free_batch(seg_pages)
-                    pa.erase_many(seg_index)
+                    if not pending:
+                        pa.erase_many(seg_index)
                 else:
+                    stop_pending()
                     # sgx_vepc_free_page: WARN_ONCE for a failure other than SGX_CHILD_PRESENT.
                     unexpected = np.flatnonzero(~ok & (rets != SgxReturn.SGX_CHILD_PRESENT))
                     if len(unexpected):
@@ -360,9 +373,12 @@ class VepcDriver(FileOps):
                     pa.erase_many(np.asarray(seg_index)[ok])
                 i += len(rets)
             if i < hi:
-                if not self.free_page(int(pages[i])):
+                stop_pending()
+                if not self.free_page(int(raw[i]) - 1):
                     pa.erase(int(indices[i]))
                 i += 1
+        if pending:
+            pa.destroy()               # every entry freed: nothing for pass 2
 
     def release(self, file: File) -> int:
         """``sgx_vepc_release``: the order matters (reference §1.6)."""
