@@ -250,7 +250,8 @@ class EpcPool:
             page = node.ring.item(h % node.capacity)       # list_first_entry + list_del_init
             node.head = h + 1
             self.flags[page] = 0
-            self.account_free(-1)
+            with self._free_count_lock:                    # account_free(-1), inline: once per allocation
+                self.nr_free -= 1
             return page
 
     def _alloc_any(self, current_node: int) -> int:

@@ -84,7 +84,7 @@ class PteTable:
         if a is None:
             a = self._arr()
         i = vpn - self.base
-        if not a[i]:
+        if not a.item(i):
             self._count += 1
         a[i] = pfn + 1
 

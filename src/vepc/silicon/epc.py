@@ -57,6 +57,7 @@ class EpcLayout:
         self.nr_pages = total
         self._sorted_bases = [sections[i].base for i in order]
         self._sorted_ids = order
+        self._ends = [s.base + s.size for s in self.sections]     # (``end`` per lookup is a property call)
 
     def section_id_of(self, phys: int) -> int:
         """Section number holding ``phys``, or -1."""
@@ -64,7 +65,7 @@ class EpcLayout:
         if pos < 0:
             return -1
         sid = self._sorted_ids[pos]
-        return sid if phys < self.sections[sid].end else -1
+        return sid if phys < self._ends[sid] else -1
 
     def index_of(self, phys: int) -> int:
         """Global page index of the EPC page holding ``phys``, or -1 when ``phys`` is not EPC."""
