@@ -35,3 +35,44 @@ def test_store_run_equals_page_by_page_stores(n, first, before, popped, seed):
                 assert bytes(a.get(i)) == bytes(b.get(i)), i
     finally:
         EpcStore.CHUNK = saved
+
+
+@settings(max_examples=60, deadline=None)
+@given(ops=st.lists(st.tuples(st.sampled_from(["store", "page", "pop", "clear", "present", "back"]),
+                              st.lists(st.integers(0, 31), min_size=1, max_size=6, unique=True)), max_size=40))
+def test_a_reused_slot_never_shows_an_earlier_pages_bytes(ops):
+    """Freed slots keep their bytes until taken again (pop and clear_many do not zero them); ``page`` and
+    ``make_present`` zero what they take, ``store_run`` and ``make_present(zero=False)`` overwrite it. Every
+    page reads as a model dict of page -> bytes says, however slots were reused."""
+    saved, EpcStore.CHUNK = EpcStore.CHUNK, 8
+    try:
+        store, model = EpcStore(32), {}
+        for k, (op, pages) in enumerate(ops):
+            fill = bytes([k % 251 + 1]) * 4096
+            if op == "store":
+                for p in pages:
+                    store[p] = fill
+                    model[p] = fill
+            elif op == "page":
+                for p in pages:
+                    store.page(p)
+                    model.setdefault(p, bytes(4096))
+            elif op == "pop":
+                for p in pages:
+                    assert store.pop(p) == model.pop(p, None)
+            elif op == "clear":
+                store.clear_many(np.array(pages))
+                for p in pages:
+                    model.pop(p, None)
+            elif op == "present":
+                store.make_present(np.array(pages))
+                for p in pages:
+                    model.setdefault(p, bytes(4096))
+            else:                                               # taken without zeroing: written over at once
+                new = [p for p in pages if p not in model]
+                for p, view in zip(new, store.make_present(np.array(new, dtype=np.int64), zero=False)):
+                    view[:] = fill
+                    model[p] = fill
+            assert {i: bytes(v) for i, v in store.items()} == model
+    finally:
+        EpcStore.CHUNK = saved

@@ -48,8 +48,10 @@ class EpcStore:
     """EPC page contents by global page index, with the operations of a ``dict[int, bytes-like]`` that the
     leaves use (``get``, ``[i] =``, ``pop``, ``in``, ``items``). The bytes live in 4 KiB slots of large
     anonymous ``MAP_NORESERVE`` chunks, made as needed; a slot freed by ``pop`` (EREMOVE, EWB: "free up
-    the EPCM entry") is zeroed and reused, so memory follows the pages that hold contents and a page
-    loaded after another was written back reuses memory already faulted in. ``get`` returns a writable
+    the EPCM entry") is reused, so memory follows the pages that hold contents and a page loaded after
+    another was written back reuses memory already faulted in. A freed slot keeps its old bytes until it
+    is taken again: whoever takes it zeroes it or overwrites all of it (a page never shows another
+    page's contents). ``get`` returns a writable
     ``memoryview``; ``pop`` a copy. :meth:`store_run` copies many new pages into consecutive slots at once.
 
     >>> st = EpcStore(4); st[2] = b"\\x07" * 4096; (2 in st, 3 in st, bytes(st.get(2)[:2]), len(st))
@@ -92,10 +94,30 @@ class EpcStore:
             self._views.append(memoryview(m))
         return first
 
+    def _take(self, k: int, zero: bool) -> np.ndarray:
+        """``k`` slots for new pages: free ones in ``pop`` order (zeroed if ``zero``), then fresh ones."""
+        free = self._free
+        take = min(k, len(free))
+        new = np.empty(k, dtype=np.int64)
+        if take:
+            new[:take] = free[len(free) - take:][::-1]      # what ``take`` pop() calls return
+            del free[len(free) - take:]
+            if zero:
+                for s in new[:take].tolist():
+                    self._view_of(s)[:] = ZERO_PAGE
+        if k > take:
+            s0 = self._fresh(k - take)                     # fresh chunks are zero already
+            new[take:] = np.arange(s0, s0 + k - take, dtype=np.int64)
+        return new
+
     def _assign(self, index: int) -> int:
         if self._slot is None:
             self._slot = np.zeros(self.nr_pages, dtype=np.uint32)
-        slot = self._free.pop() if self._free else self._fresh(1)
+        if self._free:
+            slot = self._free.pop()
+            self._view_of(slot)[:] = ZERO_PAGE
+        else:
+            slot = self._fresh(1)
         self._slot[index] = slot + 1
         self._count += 1
         return slot
@@ -122,9 +144,7 @@ class EpcStore:
         slot = self._slot_of(index)
         if slot < 0:
             return default
-        v = self._view_of(slot)
-        out = bytes(v)
-        v[:] = ZERO_PAGE
+        out = bytes(self._view_of(slot))
         self._slot[index] = 0
         self._free.append(slot)
         self._count -= 1
@@ -141,14 +161,7 @@ class EpcStore:
         need = np.flatnonzero(slots < 0)
         k = len(need)
         if k:
-            take = min(k, len(self._free))
-            new = np.empty(k, dtype=np.int64)
-            if take:
-                new[:take] = self._free[len(self._free) - take:][::-1]     # what take pop() calls return
-                del self._free[len(self._free) - take:]
-            if k > take:
-                s0 = self._fresh(k - take)
-                new[take:] = np.arange(s0, s0 + k - take, dtype=np.int64)
+            new = self._take(k, zero=False)                # every row is overwritten below
             slots[need] = new
             self._slot[first + need] = (new + 1).astype(np.uint32)
             self._count += k
@@ -191,10 +204,11 @@ class EpcStore:
             return np.zeros(len(indices), dtype=bool)
         return self._slot[np.asarray(indices, dtype=np.int64)] != 0
 
-    def make_present(self, indices: np.ndarray) -> list:
+    def make_present(self, indices: np.ndarray, zero: bool = True) -> list:
         """``page`` of every page of ``indices`` (distinct): views of their slots, a page without contents
         taking a zeroed slot -- free slots in ``pop`` order, then fresh consecutive ones, as ``store_run``
-        assigns them, in one pass instead of one ``page`` call each."""
+        assigns them, in one pass instead of one ``page`` call each. ``zero=False``: the caller overwrites
+        every page taken (or gives it back with ``pop``), so its old bytes are not cleared first."""
         indices = np.asarray(indices, dtype=np.int64)
         if self._slot is None:
             self._slot = np.zeros(self.nr_pages, dtype=np.uint32)
@@ -202,14 +216,7 @@ class EpcStore:
         need = np.flatnonzero(slots < 0)
         k = len(need)
         if k:
-            take = min(k, len(self._free))
-            new = np.empty(k, dtype=np.int64)
-            if take:
-                new[:take] = self._free[len(self._free) - take:][::-1]
-                del self._free[len(self._free) - take:]
-            if k > take:
-                s0 = self._fresh(k - take)
-                new[take:] = np.arange(s0, s0 + k - take, dtype=np.int64)
+            new = self._take(k, zero)
             slots[need] = new
             self._slot[indices[need]] = (new + 1).astype(np.uint32)
             self._count += k
@@ -232,8 +239,8 @@ class EpcStore:
                 self[ix] = page
 
     def clear_many(self, indices: np.ndarray) -> None:
-        """``pop`` of every page of ``indices`` (distinct), without the copies: the slots are zeroed (per
-        chunk, one gather) and freed in index order."""
+        """``pop`` of every page of ``indices`` (distinct), without the copies: the slots are freed in
+        index order."""
         if self._slot is None or not len(indices):
             return
         indices = np.asarray(indices, dtype=np.int64)
@@ -241,9 +248,6 @@ class EpcStore:
         slots = slots[slots >= 0]
         if not len(slots):
             return
-        for c in np.unique(slots // self.CHUNK).tolist():
-            offs = slots[slots // self.CHUNK == c] % self.CHUNK
-            self._chunks[c].reshape(self.CHUNK, PAGE_SIZE)[offs] = 0
         self._slot[indices] = 0
         self._free.extend(slots.tolist())
         self._count -= len(slots)

@@ -237,7 +237,7 @@ def eldu_batch(lp, idx: np.ndarray, secs_idx: int, linaddrs: np.ndarray, va_idx:
         # Decrypted straight into the destination pages' slots (the ones EWB just freed, typically); a page
         # that holds contents already is decrypted aside first, so a MAC mismatch leaves them as they were.
         had = store.present(idx[:n])
-        dst = store.make_present(idx[:n])
+        dst = store.make_present(idx[:n], zero=False)       # each decrypted over, or given back below
         aside = bytearray(PAGE_SIZE) if had.any() else None
         had_l = had.tolist()
         aes = AESGCM(proc.paging_key)
