@@ -328,6 +328,16 @@ def test_populating_a_vepc_range_equals_per_page_faults(seed):
     both(sc_touch, seed)
 
 
+@pytest.mark.parametrize("seed", range(N_CASES))
+def test_populating_in_small_fault_chunks_equals_per_page_faults(seed, monkeypatch):
+    """The batch faults a few pages per ``fault_range`` call (``FAULT_CHUNK``): a chunk that stops short (the
+    pool runs dry, a page already present) ends the batch there, as one big call would."""
+    from vepc.kernel import mm
+
+    monkeypatch.setattr(mm, "FAULT_CHUNK", random.Random(seed).randint(1, 7))
+    both(sc_touch, seed)
+
+
 # -- (a) through KVM: a guest's boot-time EREMOVE sweep fills the EPT --------------------------------------
 def sc_guest(rng: random.Random, out: dict) -> None:
     m = out["m"] = Machine.build(epc=random_layout(rng, 1024, nodes=2))
@@ -559,3 +569,12 @@ def test_add_pages_takes_the_one_call_eextend_on_the_batch_paths(monkeypatch):
         assert rng.random() >= 0.3                                          # sc_add_pages: tracing off
         sc_add_pages(random.Random(0), {})
     assert taken and all(taken)
+
+
+@pytest.mark.parametrize("seed", range(N_CASES // 2))
+def test_guest_sweep_and_sanitizing_in_small_chunks_equal_per_page(seed, monkeypatch):
+    from vepc.kernel import mm, reclaim
+
+    monkeypatch.setattr(mm, "FAULT_CHUNK", random.Random(seed).randint(1, 7))
+    monkeypatch.setattr(reclaim, "SANITIZE_CHUNK", random.Random(seed).randint(2, 9))
+    both(sc_guest, seed)

@@ -48,6 +48,8 @@ FAULT_FLAG_WRITE, FAULT_FLAG_ALLOW_RETRY, FAULT_FLAG_TRIED, FAULT_FLAG_USER = 0x
 
 #: A fault that keeps answering VM_FAULT_RETRY this often while nothing changes is a model livelock.
 MAX_FAULT_RETRIES = 10000
+#: Pages per ``fault_range`` call of the batch paths (``_fault_missing``).
+FAULT_CHUNK = 1 << 15
 USER_MMAP_BASE = 0x7F0000000000
 
 
@@ -349,7 +351,19 @@ class Process:
 
     def _fault_missing(self, vma: Vma, vpn: int, n: int, flags: int) -> int:
         """Batch-fault the pages of ``[vpn, vpn + n)`` of ``vma`` that have no PTE, in order, through the
-        VMA's ``fault_range``. Returns how many leading pages of the range are now mapped."""
+        VMA's ``fault_range``, :data:`FAULT_CHUNK` pages at a time (bounded temporaries: a 64 GiB prealloc
+        would otherwise build arrays of 16 M entries, and the allocator keeps such peaks resident). Returns
+        how many leading pages of the range are now mapped."""
+        done = 0
+        while done < n:
+            k = min(FAULT_CHUNK, n - done)
+            got = self._fault_missing_chunk(vma, vpn + done, k, flags)
+            done += got
+            if got < k:
+                break
+        return done
+
+    def _fault_missing_chunk(self, vma: Vma, vpn: int, n: int, flags: int) -> int:
         present = vma.ptes.count_range(vpn, n)
         if present == n:
             return n

@@ -32,7 +32,7 @@ __all__ = ["Ksgxd"]
 #: A ksgxd run that cannot bring free pages up to the high watermark stops after this many batches.
 MAX_BATCHES_PER_RUN = 1 << 20
 #: Pages per sanitisation chunk: bounds the temporary arrays of a terabyte boot.
-SANITIZE_CHUNK = 1 << 17
+SANITIZE_CHUNK = 1 << 15
 
 
 class Ksgxd:
