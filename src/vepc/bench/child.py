@@ -44,6 +44,16 @@ def _epc_vm_args(size: str) -> str:
             "-M sgx-epc.0.memdev=m0,sgx-epc.0.node=0")
 
 
+def _trim_heap() -> None:
+    """glibc ``malloc_trim(0)``: return free heap memory to the system (nothing elsewhere)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def memory(epc: str) -> dict:
     """Resident-set growth per EPC page: boot a host with ``epc`` of EPC, start 4 QEMU VMs with a quarter
     each (prealloc=on, guest kernels booted: every EPC page committed), and divide the growth of VmRSS by
@@ -58,6 +68,7 @@ def memory(epc: str) -> dict:
     QemuVm(warm, _epc_vm_args("4M")).start().kill()
     del warm
     gc.collect()
+    _trim_heap()                   # the warm-up's freed heap goes back: later arrays cannot hide in it
     r0 = rss()
     host = Machine.build(epc=[f"{epc}@0"])
     r1 = rss()

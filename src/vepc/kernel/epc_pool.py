@@ -36,7 +36,7 @@ import numpy as np
 from vepc.arch.constants import PAGE_SHIFT, SGX_NR_LOW_PAGES
 from vepc.events import EventKind, EventLog
 from vepc.kernel.owners import OwnerKind, OwnerRegistry
-from vepc.kernel.pte import as_run
+from vepc.kernel.pte import MAX_PFN, as_run
 from vepc.types import PhysAddr
 
 __all__ = ["EpcPool", "KSection", "NumaNode", "PAGE_RECLAIMER_TRACKED", "PAGE_IS_FREE", "PAGE_POISON",
@@ -165,6 +165,8 @@ class EpcPool:
         self._starts_np = np.array(self._starts, dtype=np.int64)
         self._phys_np = np.array([s.phys_addr for s in sections], dtype=np.int64)
         self._node_np = np.array([s.node for s in sections], dtype=np.int64)
+        #: Every EPC frame fits a PTE entry (<= pte.MAX_PFN): batch PTE stores need no check per call.
+        self.pfns_fit_pte = all((s.phys_addr >> PAGE_SHIFT) + s.nr_pages - 1 <= MAX_PFN for s in sections)
         #: sgx_dirty_page_list in order: a list, a ``range`` (all pages at boot) or an array of page numbers.
         self.dirty: list[int] | range | np.ndarray = []
         #: sgx_active_page_list: pages the reclaimer may take, in list order.

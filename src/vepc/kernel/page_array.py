@@ -89,8 +89,9 @@ class PageArray:
         out[inside] = self._a[idx[inside]].astype(np.int64) - 1
         return out
 
-    def store_many(self, indices, pages: np.ndarray) -> None:
-        """``store`` of each (index, page) pair, in order."""
+    def store_many(self, indices, pages: np.ndarray, fresh: bool = False) -> None:
+        """``store`` of each (index, page) pair, in order; ``fresh``: the caller knows every index is empty
+        (a run needs no pass to count the ones overwritten)."""
         n = len(indices)
         if not n:
             return
@@ -100,7 +101,7 @@ class PageArray:
             self._grow(top)
         if run is not None:
             seg = self._a[run[0]:run[1]]
-            self._n += n - (int(np.count_nonzero(seg)) if self._n else 0)      # empty: nothing to count
+            self._n += n - (int(np.count_nonzero(seg)) if self._n and not fresh else 0)   # nothing to count
             np.add(pages, 1, out=seg, casting="unsafe")
             return
         idx = np.asarray(indices, dtype=np.int64)

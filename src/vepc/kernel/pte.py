@@ -84,9 +84,10 @@ class PteTable:
         if a is None:
             a = self._arr()
         i = vpn - self.base
-        if not a.item(i):
+        was = a.item(i)
+        a[i] = pfn + 1                          # (a frame beyond MAX_PFN raises here, before the count)
+        if not was:
             self._count += 1
-        a[i] = pfn + 1
 
     def pop(self, vpn: int) -> int:
         v = self[vpn]
@@ -144,14 +145,17 @@ class PteTable:
         self._count += int(np.count_nonzero(a[i] == 0))
         a[i] = (pfns + 1).astype(np.uint32)
 
-    def set_range(self, vpn: int, pfns: np.ndarray) -> None:
-        """Install PTEs for consecutive pages starting at ``vpn`` (batch path)."""
+    def set_range(self, vpn: int, pfns: np.ndarray, fresh: bool = False, fits: bool = False) -> None:
+        """Install PTEs for consecutive pages starting at ``vpn`` (batch path). ``fresh``: the caller knows
+        none of them is present (no pass to count the ones overwritten); ``fits``: the caller knows every
+        frame fits (<= MAX_PFN: no pass for the maximum)."""
         a = self._arr()
         i = vpn - self.base
-        _check_pfns(pfns)
+        if not fits:
+            _check_pfns(pfns)
         seg = a[i:i + len(pfns)]
         # an empty table has nothing to overwrite: no pass over the range to count present entries
-        self._count += len(pfns) - (int(np.count_nonzero(seg)) if self._count else 0)
+        self._count += len(pfns) - (int(np.count_nonzero(seg)) if self._count and not fresh else 0)
         np.add(pfns, 1, out=seg, casting="unsafe")
 
     def present_vpns(self, lo: int | None = None, hi: int | None = None) -> np.ndarray:

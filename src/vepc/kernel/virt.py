@@ -214,10 +214,11 @@ class VepcDriver(FileOps):
             m = len(pages)
             if not m:
                 return 0
-            pa.store_many(index[:m], pages)
+            # Indices before ``k`` are empty (first_present) and ``vpns`` have no PTE (the caller's contract).
+            pa.store_many(index[:m], pages, fresh=True)
             # vmf_insert_pfn for each page (cannot fail on this VM_PFNMAP VMA).
             if run is not None:
-                vma.ptes.set_range(run[0], self.pool.pfn_batch(pages))
+                vma.ptes.set_range(run[0], self.pool.pfn_batch(pages), fresh=True, fits=self.pool.pfns_fit_pte)
             else:
                 vma.ptes.set_many(vpns[:m], self.pool.pfn_batch(pages))
         # One event per run of consecutive indices: ``arg`` .. ``arg + count - 1`` were faulted in.
