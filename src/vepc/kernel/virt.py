@@ -356,15 +356,15 @@ class VepcDriver(FileOps):
             pages = np.subtract(raw[i:hi], 1, dtype=np.int64)           # this chunk's pages (int64)
             rets = self.remove_pages_batch(pages)
             if len(rets):
-                ok = rets == 0
                 seg_pages = pages[:len(rets)]
                 seg_index = indices[i:i + len(rets)]
-                if ok.all():
+                if not rets.any():
                     self.pool.free_batch(seg_pages)
                     if not pending:
                         pa.erase_many(seg_index)
                 else:
                     stop_pending()
+                    ok = rets == 0
                     # sgx_vepc_free_page: WARN_ONCE for a failure other than SGX_CHILD_PRESENT.
                     unexpected = np.flatnonzero(~ok & (rets != SgxReturn.SGX_CHILD_PRESENT))
                     if len(unexpected):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from vepc.arch.constants import PAGE_SIZE, Leaf, PageType, SgxReturn
+from vepc.arrays import is_run
 from vepc.silicon.epcm import MODIFIED, PT_MASK, PT_SHIFT, VALID
 from vepc.silicon.leaves.common import check_aligned, epc_operand, leaf
 
@@ -87,7 +88,7 @@ def eremove_batch(proc, idx: np.ndarray, stop_unless: tuple[int, ...] | None = N
     if not len(idx):
         return rets
     n = len(idx)
-    contiguous = int(idx[-1]) - int(idx[0]) == n - 1 and (n < 3 or bool((np.diff(idx) == 1).all()))
+    contiguous = is_run(idx)
     flags = proc.epcm.flags[int(idx[0]):int(idx[0]) + n] if contiguous else proc.epcm.flags[idx]
     valid = np.flatnonzero(flags & VALID)
     # Invalid pages: "nothing to do" -- and nothing an earlier EREMOVE does can make a page valid.
