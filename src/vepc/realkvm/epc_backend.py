@@ -285,8 +285,12 @@ class VirtualEpc:
         self.backing = backing
         self.minor = backing == "memfd"
         self.uffd = Userfaultfd(features=UFFD_FEATURE_THREAD_ID | (UFFD_FEATURE_MINOR_SHMEM if self.minor else 0))
-        self.abort_page = HostMapping(fault_around * PAGE_SIZE)
-        self.abort_page.view[:] = b"\xff" * (fault_around * PAGE_SIZE)
+        #: The all-ones source of UFFDIO_COPY (the anonymous backing; the memfd's page cache is the source
+        #: of UFFDIO_CONTINUE).
+        self.abort_page: HostMapping | None = None
+        if not self.minor:
+            self.abort_page = HostMapping(fault_around * PAGE_SIZE)
+            self.abort_page.view[:] = b"\xff" * (fault_around * PAGE_SIZE)
         self.sections: list[EpcSectionBackend] = []
         self.refusals: list[Refusal] = []
         #: Faults the model could not resolve either way (its fault retried without progress).
@@ -463,9 +467,9 @@ class VirtualEpc:
         after waking its waiters (UFFDIO_WAKE)."""
         addr = sec.mapping.addr + (start << PAGE_SHIFT)
         end = addr + (n << PAGE_SHIFT)
-        uffd, src = self.uffd, self.abort_page.addr
+        uffd = self.uffd
         while addr < end:                           # bounded: every pass advances at least one page
-            done = uffd.cont(addr, end - addr) if self.minor else uffd.copy(addr, src, end - addr)
+            done = uffd.cont(addr, end - addr) if self.minor else uffd.copy(addr, self.abort_page.addr, end - addr)
             if done <= 0:
                 self.uffd.wake(addr)
                 done = PAGE_SIZE
@@ -547,7 +551,8 @@ class VirtualEpc:
         Example: ``epc.close()`` after the model VMM exited and before ``vm.close()``."""
         self.stop()
         self.uffd.close()
-        self.abort_page.close()
+        if self.abort_page is not None:
+            self.abort_page.close()
         for sec in self.sections:
             if sec.fill is not None:
                 sec.fill.close()

@@ -190,14 +190,7 @@ class Userfaultfd:
         Example: ``u.copy(fault.address & ~4095, abort_page.addr)`` → 4096."""
         c = self._copy
         c.dst, c.src, c.len, c.mode, c.copy = dst, src, length, 0 if wake else UFFDIO_COPY_MODE_DONTWAKE, 0
-        if _libc.ioctl(self.fd, UFFDIO_COPY, ctypes.addressof(c)) < 0:
-            err = ctypes.get_errno()
-            if err == errno.EEXIST:
-                return 0
-            if err == errno.EAGAIN and c.copy > 0:
-                return c.copy
-            raise OSError(err, f"UFFDIO_COPY {dst:#x}+{length:#x}: {os.strerror(err)}")
-        return c.copy
+        return self._resolve(UFFDIO_COPY, c, "copy", f"UFFDIO_COPY {dst:#x}+{length:#x}")
 
     def cont(self, dst: int, length: int = PAGE_SIZE) -> int:
         """UFFDIO_CONTINUE: map the page-cache pages behind ``[dst, dst+length)`` of a MINOR range (no copy);
@@ -206,14 +199,20 @@ class Userfaultfd:
         Example: ``u.cont(fault.address & ~4095)`` → 4096."""
         c = self._cont
         c.range.start, c.range.len, c.mode, c.mapped = dst, length, 0, 0
-        if _libc.ioctl(self.fd, UFFDIO_CONTINUE, ctypes.addressof(c)) < 0:
+        return self._resolve(UFFDIO_CONTINUE, c, "mapped", f"UFFDIO_CONTINUE {dst:#x}+{length:#x}")
+
+    def _resolve(self, request: int, arg: ctypes.Structure, done_field: str, what: str) -> int:
+        """Issue UFFDIO_COPY / UFFDIO_CONTINUE: the bytes the kernel reports in ``done_field``; EEXIST
+        (already present) is 0; EAGAIN after some progress is that progress; other errors raise."""
+        if _libc.ioctl(self.fd, request, ctypes.addressof(arg)) < 0:
             err = ctypes.get_errno()
             if err == errno.EEXIST:
                 return 0
-            if err == errno.EAGAIN and c.mapped > 0:
-                return c.mapped
-            raise OSError(err, f"UFFDIO_CONTINUE {dst:#x}+{length:#x}: {os.strerror(err)}")
-        return c.mapped
+            done = getattr(arg, done_field)
+            if err == errno.EAGAIN and done > 0:
+                return done
+            raise OSError(err, f"{what}: {os.strerror(err)}")
+        return getattr(arg, done_field)
 
     def zeropage(self, dst: int, length: int = PAGE_SIZE) -> int:
         """UFFDIO_ZEROPAGE (maps the shared zero page for private memory: a later write faults again).

@@ -155,16 +155,7 @@ class EpcStore:
         a slot take free slots (in ``pop`` order), then fresh consecutive ones; the copy is one numpy
         assignment per chunk (a slice when the chunk's slots are consecutive), no Python loop per page."""
         n = len(pages)
-        if self._slot is None:
-            self._slot = np.zeros(self.nr_pages, dtype=np.uint32)
-        slots = self._slot[first:first + n].astype(np.int64) - 1
-        need = np.flatnonzero(slots < 0)
-        k = len(need)
-        if k:
-            new = self._take(k, zero=False)                # every row is overwritten below
-            slots[need] = new
-            self._slot[first + need] = (new + 1).astype(np.uint32)
-            self._count += k
+        slots = self._claim(np.arange(first, first + n, dtype=np.int64), zero=False)   # every row overwritten
         chunk, off = np.divmod(slots, self.CHUNK)
         c_lo, c_hi = int(chunk.min()), int(chunk.max())
         for c in range(c_lo, c_hi + 1):
@@ -188,15 +179,9 @@ class EpcStore:
         """``get`` of every page of ``indices``: its writable view, or None without contents."""
         if self._slot is None:
             return [None] * len(indices)
-        views, chunk = self._views, self.CHUNK
-        out = []
-        for s in (self._slot[np.asarray(indices, dtype=np.int64)].astype(np.int64) - 1).tolist():
-            if s < 0:
-                out.append(None)
-            else:
-                off = (s & (chunk - 1)) * PAGE_SIZE
-                out.append(views[s // chunk][off:off + PAGE_SIZE])
-        return out
+        view_of = self._view_of
+        return [view_of(s) if s >= 0 else None
+                for s in (self._slot[np.asarray(indices, dtype=np.int64)].astype(np.int64) - 1).tolist()]
 
     def present(self, indices: np.ndarray) -> np.ndarray:
         """``index in self`` of every page of ``indices`` (a bool array)."""
@@ -209,31 +194,29 @@ class EpcStore:
         taking a zeroed slot -- free slots in ``pop`` order, then fresh consecutive ones, as ``store_run``
         assigns them, in one pass instead of one ``page`` call each. ``zero=False``: the caller overwrites
         every page taken (or gives it back with ``pop``), so its old bytes are not cleared first."""
-        indices = np.asarray(indices, dtype=np.int64)
+        view_of = self._view_of
+        return [view_of(s) for s in self._claim(np.asarray(indices, dtype=np.int64), zero).tolist()]
+
+    def _claim(self, indices: np.ndarray, zero: bool) -> np.ndarray:
+        """The slots of pages ``indices`` (distinct), a page without contents taking one (``_take``)."""
         if self._slot is None:
             self._slot = np.zeros(self.nr_pages, dtype=np.uint32)
         slots = self._slot[indices].astype(np.int64) - 1
         need = np.flatnonzero(slots < 0)
-        k = len(need)
-        if k:
-            new = self._take(k, zero)
+        if len(need):
+            new = self._take(len(need), zero)
             slots[need] = new
             self._slot[indices[need]] = (new + 1).astype(np.uint32)
-            self._count += k
-        views, chunk = self._views, self.CHUNK
-        return [views[s // chunk][(s & (chunk - 1)) * PAGE_SIZE:((s & (chunk - 1)) + 1) * PAGE_SIZE]
-                for s in slots.tolist()]
+            self._count += len(need)
+        return slots
 
-    def store_many(self, indices: np.ndarray, pages) -> None:
-        """Page ``indices[i]`` gets ``pages[i]`` (4096 bytes each: a list, or the rows of an n x 4096 uint8
-        array); a run of new consecutive pages is one copy."""
+    def store_many(self, indices: np.ndarray, pages: list) -> None:
+        """Page ``indices[i]`` gets ``pages[i]`` (4096 bytes each); a run of new consecutive pages is one copy."""
         n = len(pages)
         if not n:
             return
         if n > 1 and len(self._free) < n and is_run(indices):
-            rows = pages if isinstance(pages, np.ndarray) else \
-                np.frombuffer(b"".join(pages), dtype=np.uint8).reshape(n, PAGE_SIZE)
-            self.store_run(int(indices[0]), rows)
+            self.store_run(int(indices[0]), np.frombuffer(b"".join(pages), dtype=np.uint8).reshape(n, PAGE_SIZE))
         else:
             for ix, page in zip(np.asarray(indices).tolist(), pages):
                 self[ix] = page

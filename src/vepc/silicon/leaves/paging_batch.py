@@ -65,13 +65,12 @@ def _slot_key(va_idx: np.ndarray, va_off: np.ndarray) -> np.ndarray:
     return va_idx * (PAGE_SIZE // VA_SLOT_SIZE) + va_off // VA_SLOT_SIZE
 
 
-def _va_words(store, va_idx: np.ndarray, va_off: np.ndarray, create: bool):
-    """``(vi, rows, words)`` per distinct VA page of ``va_idx``: the positions ``rows`` using it and its
+def _va_words(store, va_idx: np.ndarray, create: bool):
+    """``(rows, words)`` per distinct VA page of ``va_idx``: the positions ``rows`` using it and its
     contents as 512 little-endian words (None when the page holds no contents and ``create`` is false)."""
     for vi in np.unique(va_idx).tolist():
-        rows = np.flatnonzero(va_idx == vi)
         view = store.page(vi) if create else store.get(vi)
-        yield vi, rows, (np.frombuffer(view, dtype="<u8") if view is not None else None)
+        yield np.flatnonzero(va_idx == vi), (np.frombuffer(view, dtype="<u8") if view is not None else None)
 
 
 def ewb_batch(lp, idx: np.ndarray, va_idx: np.ndarray, va_off: np.ndarray, out: np.ndarray,
@@ -125,7 +124,7 @@ def ewb_batch(lp, idx: np.ndarray, va_idx: np.ndarray, va_off: np.ndarray, out: 
                 bad = rows[ep >= st.track_epoch]
             if len(bad):
                 n = min(n, int(bad[0]))                      # SGX_NOT_TRACKED: the per-page leaf says so
-        for _, rows, words in _va_words(store, va_idx[:n], va_off[:n], create=False):
+        for rows, words in _va_words(store, va_idx[:n], create=False):
             if words is not None:
                 busy = np.flatnonzero(words[va_off[rows] // VA_SLOT_SIZE] != 0)
                 if len(busy):
@@ -150,20 +149,16 @@ def ewb_batch(lp, idx: np.ndarray, va_idx: np.ndarray, va_off: np.ndarray, out: 
         pcmd[:n, 72:112] = 0
         srcs = store.views(idx_n)
         aes = AESGCM(proc.paging_key)
-        last = bytearray(PAGE_SIZE + 16)
+        last = memoryview(bytearray(PAGE_SIZE + 16))        # the last page's tag has no next row to use
         for i in range(n):
             src = srcs[i]
             o = i * PAGE_SIZE
-            if i + 1 < n:
-                aes.encrypt_into(nonce[12 * i:12 * i + 12], src if src is not None else _ZERO_PAGE,
-                                 hdr[128 * i:128 * i + 128], out_mv[o:o + PAGE_SIZE + 16])
-                pcmd_mv[128 * i + 112:128 * i + 128] = out_mv[o + PAGE_SIZE:o + PAGE_SIZE + 16]
-            else:
-                aes.encrypt_into(nonce[12 * i:12 * i + 12], src if src is not None else _ZERO_PAGE,
-                                 hdr[128 * i:128 * i + 128], last)
-                out_mv[o:o + PAGE_SIZE] = memoryview(last)[:PAGE_SIZE]
-                pcmd_mv[128 * i + 112:128 * i + 128] = memoryview(last)[PAGE_SIZE:]
-        for _, rows, words in _va_words(store, va_n, vo_n, create=True):
+            sealed = out_mv[o:o + PAGE_SIZE + 16] if i + 1 < n else last
+            aes.encrypt_into(nonce[12 * i:12 * i + 12], src if src is not None else _ZERO_PAGE,
+                             hdr[128 * i:128 * i + 128], sealed)
+            pcmd_mv[128 * i + 112:128 * i + 128] = sealed[PAGE_SIZE:]
+        out_mv[(n - 1) * PAGE_SIZE:n * PAGE_SIZE] = last[:PAGE_SIZE]
+        for rows, words in _va_words(store, va_n, create=True):
             words[vo_n[rows] // VA_SLOT_SIZE] = version[rows]
         if epochs:
             for ix in idx_l[:n]:
@@ -223,7 +218,7 @@ def eldu_batch(lp, idx: np.ndarray, secs_idx: int, linaddrs: np.ndarray, va_idx:
     with proc.lock:
         pcmd, sflags, pt, va_n, vo_n = pcmd[:n], sflags[:n], pt[:n], va_idx[:n], va_off[:n]
         version = np.zeros(n, dtype=np.uint64)
-        for _, rows, words in _va_words(store, va_n, vo_n, create=False):
+        for rows, words in _va_words(store, va_n, create=False):
             if words is not None:
                 version[rows] = words[vo_n[rows] // VA_SLOT_SIZE]
         eid = np.full(n, st.eid, dtype=np.uint64)
@@ -253,11 +248,11 @@ def eldu_batch(lp, idx: np.ndarray, secs_idx: int, linaddrs: np.ndarray, va_idx:
             if had_l[i]:
                 dst[i][:] = aside
             done += 1
-        for i in range(n - 1, done - 1, -1):                 # not loaded: no contents (zeroed, slots back)
+        for i in range(n - 1, done - 1, -1):                 # not loaded: no contents (slots given back)
             if not had_l[i]:
                 store.pop(int(idx[i]))
         if done:
-            for _, rows, words in _va_words(store, va_n[:done], vo_n[:done], create=True):
+            for rows, words in _va_words(store, va_n[:done], create=True):
                 words[vo_n[rows] // VA_SLOT_SIZE] = 0
             rows = idx[:done]
             if epochs:
