@@ -206,6 +206,23 @@ def test_add_pages_with_and_without_measure_extends_mrenclave_per_256_bytes_and_
     all_free(m)
 
 
+def test_add_pages_batch_returns_with_its_measurement_absorbed():
+    """The batch hashes on a worker thread beside the kernel's bookkeeping; the ioctl returns only when
+    MRENCLAVE holds every page (as the leaves leave it): no measuring thread outlives the call."""
+    import threading
+
+    m = host(epc=("8M@0",))
+    app = App(m)
+    app.create(size=1 << 23)
+    pages = [page_bytes(i) for i in range(1200)]           # several batches, the last one short
+    assert app.add(0, pages) == 1200 * PAGE
+    assert not any(t.name == "eadd-measure" and t.is_alive() for t in threading.enumerate())
+    assert app.secs_state().measurement._worker is None
+    assert app.secs_state().measurement.copy().digest() == app.mrenclave()
+    app.close()
+    all_free(m)
+
+
 def test_init_runs_einit_with_the_le_hash_msrs_set_to_mrsigner_and_the_enclave_runs():
     m = host()
     needs_einit(m)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import enum
 import threading
 from collections import Counter
+from itertools import repeat
 from typing import Iterator, NamedTuple
 
 __all__ = ["EventKind", "Event", "EventLog"]
@@ -108,6 +109,17 @@ class EventLog:
         # kind is stored as a plain int: a row of plain values is untracked by the cyclic GC, which would
         # otherwise rescan every event ever emitted on each full collection.
         self.rows.append((self.now, int(kind), owner, page, count, arg, arg2, text))
+
+    def emit_many(self, kind: EventKind, owner: int, pages: list[int], args: "list[int] | range", arg2: int = 0) -> None:
+        """:meth:`emit` of ``kind`` for each page in order, page ``pages[i]`` with ``arg=args[i]`` (the same
+        rows, one ``extend``).
+
+        >>> log = EventLog(); log.emit_many(EventKind.ENCL_ADD, 7, [3, 4], range(0, 8192, 4096), arg2=1)
+        >>> [(e.page, e.arg, e.arg2) for e in log]
+        [(3, 0, 1), (4, 4096, 1)]
+        """
+        self.rows.extend(zip(repeat(self.now), repeat(int(kind)), repeat(owner), pages, repeat(1), args,
+                             repeat(arg2), repeat(None)))
 
     def advance(self, ns: int) -> None:
         """Move the virtual clock forward."""

@@ -95,6 +95,10 @@ class HostCpu:
     def write_phys(self, addr: int, data: bytes) -> None:
         self._mem.write(addr, data)  # type: ignore[arg-type]
 
+    def read_phys_pages(self, addrs: list[int], out: bytearray | None = None):
+        """:meth:`read_phys` of the whole page at each address, joined (into ``out`` when given)."""
+        return self._mem.read_pages(addrs, out)
+
     def kick_enclave_threads(self, secs_phys: int) -> int:
         index = self.processor.layout.index_of(secs_phys)
         if index < 0:
@@ -120,11 +124,13 @@ class HostCpu:
         return self._leaves_are_silicon(Leaf.EADD, Leaf.EEXTEND) and self.processor.sgx_enabled() \
             and self.lp.inside is None
 
-    def eadd_pages(self, secs_addr: int, page_addrs: list[int], linaddrs: list[int], secinfo_flags: int,
-                   contents: bytes, measure: bool, rbx_after: int = 0) -> int:
+    def eadd_pages(self, secs_addr: int, page_addrs: np.ndarray, linaddrs: np.ndarray, secinfo_flags: int,
+                   contents: bytes, measure: bool, rbx_after: int = 0, wait: bool = True) -> int:
         """EADD (and, with ``measure``, the 16 EEXTENDs) of many PT_REG pages in order through
         :func:`vepc.silicon.leaves.build_batch.eadd_batch`: how many leading pages were added (0 when the
-        batch cannot stand in for the leaves). RBX ends as ``rbx_after`` (what the last leaf got)."""
+        batch cannot stand in for the leaves). RBX ends as ``rbx_after`` (what the last leaf got). With
+        ``wait=False`` MRENCLAVE may still be absorbing the pages: :meth:`eadd_pages_wait` before returning
+        to the caller's caller."""
         from vepc.silicon.leaves.build_batch import eadd_batch
 
         if not self._leaves_are_silicon(Leaf.EADD, Leaf.EEXTEND):
@@ -135,10 +141,16 @@ class HostCpu:
         if secs_idx < 0 or secs_idx not in proc.enclaves or (idx < 0).any():
             return 0
         offsets = np.asarray(linaddrs, dtype=np.int64) - proc.enclaves[secs_idx].base
-        done = eadd_batch(self.lp, secs_idx, idx, offsets, secinfo_flags, contents, measure=measure)
+        done = eadd_batch(self.lp, secs_idx, idx, offsets, secinfo_flags, contents, measure=measure, wait=wait)
         if done:
             self.lp.rbx = rbx_after
         return done
+
+    def eadd_pages_wait(self, secs_addr: int) -> None:
+        """Wait until the measurement of every :meth:`eadd_pages` of the enclave at ``secs_addr`` is done."""
+        st = self.processor.enclaves.get(self.processor.layout.index_of(secs_addr))
+        if st is not None:
+            st.measurement.wait()
 
     def eextend_page(self, secs_addr: int, page_addr: int) -> bool:
         """EEXTEND of the 16 chunks of the EPC page at host-physical ``page_addr`` (see :func:`eextend_page`)."""

@@ -140,13 +140,14 @@ class EnclPage:
 
     __slots__ = ("desc", "vm_max_prot_bits", "epc_page", "encl", "va_page", "type")
 
-    def __init__(self, encl: "Encl", desc: int = 0, vm_max_prot_bits: int = 0) -> None:
+    def __init__(self, encl: "Encl", desc: int = 0, vm_max_prot_bits: int = 0, epc_page: int | None = None,
+                 type: int = PageType.SECS) -> None:
         self.desc = desc
         self.vm_max_prot_bits = vm_max_prot_bits
-        self.epc_page: int | None = None
+        self.epc_page = epc_page
         self.encl = encl
         self.va_page: VaPage | None = None
-        self.type = PageType.SECS
+        self.type = type
 
     @property
     def addr(self) -> int:
@@ -715,6 +716,15 @@ class EnclaveDriver(FileOps):
     def page_alloc(self, encl: Encl, offset: int, secinfo_flags: int) -> EnclPage:
         """``sgx_encl_page_alloc``."""
         return EnclPage(encl, encl.base + offset, _vm_prot_from_secinfo(secinfo_flags))
+
+    def page_alloc_many(self, encl: Encl, offset: int, secinfo_flags: int, epc_pages: list[int]) -> list[EnclPage]:
+        """:meth:`page_alloc` of consecutive pages from ``offset`` (one SECINFO, one protection), each with
+        its EPC page of ``epc_pages`` already added (EADD) as the SECINFO's page type."""
+        prot = _vm_prot_from_secinfo(secinfo_flags)
+        ptype = (secinfo_flags & 0xFF00) >> 8
+        start = encl.base + offset
+        return [EnclPage(encl, desc, prot, epc, ptype)
+                for desc, epc in zip(range(start, start + (len(epc_pages) << PAGE_SHIFT), PAGE_SIZE), epc_pages)]
 
     # -- ptrace access (sgx_vma_access) -------------------------------------------------------------
     def sgx_vma_access(self, vma: Vma, addr: int, length: int, write: bytes | None = None) -> bytes | int:

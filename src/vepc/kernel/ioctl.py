@@ -268,13 +268,16 @@ def sgx_encl_add_page(drv: "EnclaveDriver", encl: Encl, src: int, offset: int, s
     return ret
 
 
-#: Pages per batch of ADD_PAGES (bounds the source copy).
-ADD_PAGES_BATCH = 256
+#: Pages per batch of ADD_PAGES (bounds the source copy; two batches let one's measurement run beside the
+#: next one's bookkeeping).
+ADD_PAGES_BATCH = 512
+#: Source copy buffers not in use: reused, so a batch pays no page faults on a fresh buffer.
+_FREE_SOURCES: list[bytearray] = []
 
 
 def _va_page_positions(encl: Encl, n: int) -> list[int]:
     """Which of the next ``n`` pages ``sgx_encl_grow`` gives a new VA page (one per SGX_VA_SLOT_COUNT)."""
-    return [j for j in range(n) if (encl.page_cnt + j) % SGX_VA_SLOT_COUNT == 0]
+    return list(range(-encl.page_cnt % SGX_VA_SLOT_COUNT, n, SGX_VA_SLOT_COUNT))
 
 
 def _present_user_pages(proc: Process, src: int, n: int) -> list[int]:
@@ -299,10 +302,12 @@ def _add_pages_batch(drv: "EnclaveDriver", encl: Encl, proc: Process, src: int, 
     It runs only when nothing can differ from the loop: the xarray slots are free, every source page is
     mapped readable (``get_user_page``, in order), the pool holds the pages and VA pages the batch takes
     while staying at or above SGX_NR_LOW_PAGES (so no allocation reclaims or wakes ksgxd), and the CPU
-    offers ``eadd_pages`` and is ready for it (the host LP, without ENCLS tracing or a replaced leaf). Then, in the loop's
-    order: EPC page, VA page every SGX_VA_SLOT_COUNT pages (``sgx_encl_grow``, EPA), xa_insert, EADD and
-    EEXTEND (one silicon batch), child count, ``sgx_mark_page_reclaimable``, ENCL_ADD. The kernel's
-    scratch PAGEINFO/SECINFO and RBX end as the last page's leaves leave them."""
+    offers ``eadd_pages`` and is ready for it (the host LP, without ENCLS tracing or a replaced leaf). Then:
+    the EPC pages with a VA page every SGX_VA_SLOT_COUNT pages (``sgx_encl_grow``, EPA) in the loop's
+    allocation order, EADD and EEXTEND of all (one silicon batch; MRENCLAVE finishes absorbing them on a
+    worker thread that the ioctl waits for before it returns), xa_insert of each, child count,
+    ``sgx_mark_page_reclaimable``, ENCL_ADD. Nobody sees the pages between these steps (encl->lock). The
+    kernel's scratch PAGEINFO/SECINFO and RBX end as the last page's leaves leave them."""
     cpu = drv.cpu
     ready = getattr(cpu, "eadd_pages_ready", None)
     if ready is None or secinfo.flags & 0xFF00 != _SI_REG or not proc.alive or not ready():
@@ -311,7 +316,7 @@ def _add_pages_batch(drv: "EnclaveDriver", encl: Encl, proc: Process, src: int, 
     if n < 2:
         return 0
     base_index = (encl.base + offset) >> PAGE_SHIFT
-    if any(base_index + j in encl.page_array for j in range(n)):
+    if not encl.page_array.keys().isdisjoint(range(base_index, base_index + n)):
         return 0
     # The pool must hold the pages and their VA pages above the watermark; checked before the sources are
     # resolved, so a low pool costs no get_user_page walk per page (n only shrinks below).
@@ -331,11 +336,21 @@ def _add_pages_batch(drv: "EnclaveDriver", encl: Encl, proc: Process, src: int, 
     n = len(phys)
     if n < 2:
         return 0
+    contents = _FREE_SOURCES.pop() if _FREE_SOURCES else bytearray(ADD_PAGES_BATCH * PAGE_SIZE)
+    try:
+        if len(contents) < n * PAGE_SIZE:
+            contents = bytearray(n * PAGE_SIZE)
+        cpu.read_phys_pages(phys, contents)
+        return _add_pages_run(drv, encl, cpu, offset, base_index, phys, contents, secinfo, flags)
+    finally:
+        _FREE_SOURCES.append(contents)
+
+
+def _add_pages_run(drv: "EnclaveDriver", encl: Encl, cpu, offset: int, base_index: int, phys: list[int],
+                   contents: bytearray, secinfo: Secinfo, flags: int) -> int:
+    """The rest of :func:`_add_pages_batch` once the ``len(phys)`` source pages are in ``contents``."""
+    n = len(phys)
     va_at = _va_page_positions(encl, n)
-    if phys[-1] - phys[0] == (n - 1) << PAGE_SHIFT and all(b - a == PAGE_SIZE for a, b in zip(phys, phys[1:])):
-        contents = drv.kernel.read_phys(phys[0], n << PAGE_SHIFT)       # physically contiguous: one read
-    else:
-        contents = b"".join(drv.kernel.read_phys(pa, PAGE_SIZE) for pa in phys)
     # Allocation in the loop's order: each page's EPC page, then (every 512th) its VA page.
     node = drv.current_node()
     epc: list[int] = []
@@ -349,30 +364,24 @@ def _add_pages_batch(drv: "EnclaveDriver", encl: Encl, proc: Process, src: int, 
             if va < 0:
                 raise KernelError(f"ADD_PAGES batch: a VA page failed with {va} although the pool had room")
             encl.va_pages.insert(0, VaPage(va))
-    pages = []
-    for j in range(n):
-        encl_page = drv.page_alloc(encl, offset + (j << PAGE_SHIFT), secinfo.flags)
-        drv.owner_of[epc[j]] = encl_page
-        encl.page_array[base_index + j] = encl_page
-        pages.append(encl_page)
-    encl.page_cnt += n
     secs_addr = drv.epc_addr(encl.secs.epc_page)
     measure = bool(flags & SGX_PAGE_MEASURE)
     si = drv.ops(0x80)
     drv.kernel.write_phys(si, secinfo.pack())
-    last = pages[-1]
-    pi = drv.write_pageinfo(last.desc & PAGE_MASK, phys[-1], si, secs_addr)
-    done = cpu.eadd_pages(secs_addr, [drv.epc_addr(p) for p in epc], [p.desc & PAGE_MASK for p in pages],
-                          secinfo.flags, contents, measure, rbx_after=secs_addr if measure else pi)
+    linaddr = encl.base + offset
+    pi = drv.write_pageinfo(linaddr + ((n - 1) << PAGE_SHIFT), phys[-1], si, secs_addr)
+    # EADD + EEXTEND first: MRENCLAVE absorbs the pages on a worker thread while the kernel's bookkeeping
+    # below runs (all under encl->lock, which nobody else sees through); the ioctl waits for it.
+    done = cpu.eadd_pages(secs_addr, drv.pool.phys_addr_batch(epc), linaddr + (np.arange(n) << PAGE_SHIFT),
+                          secinfo.flags, contents, measure, rbx_after=secs_addr if measure else pi, wait=False)
     if done != n:
         raise KernelError(f"ADD_PAGES batch: EADD stopped at page {done} of {n} after its checks passed")
-    ptype = (secinfo.flags & 0xFF00) >> 8
-    emit = drv.events.emit
-    oid, m = encl.owner_id, int(measure)
-    for j, encl_page in enumerate(pages):
-        encl_page.epc_page = epc[j]
-        encl_page.type = ptype
-        emit(EventKind.ENCL_ADD, owner=oid, page=epc[j], arg=offset + (j << PAGE_SHIFT), arg2=m)
+    pages = drv.page_alloc_many(encl, offset, secinfo.flags, epc)
+    drv.owner_of.update(zip(epc, pages))
+    encl.page_array.update(zip(range(base_index, base_index + n), pages))   # xa_insert of each, in order
+    encl.page_cnt += n
+    drv.events.emit_many(EventKind.ENCL_ADD, encl.owner_id, epc, range(offset, offset + (n << PAGE_SHIFT), PAGE_SIZE),
+                         arg2=int(measure))
     drv.pool.mark_reclaimable_many(epc)                # sgx_mark_page_reclaimable of each, in order
     encl.secs_child_cnt += n
     return n
@@ -411,21 +420,28 @@ def sgx_ioc_enclave_add_pages(drv: "EnclaveDriver", encl: Encl, proc: Process, a
         return -errno.EINVAL
     ret = 0
     c = 0
-    while c < length:
-        if not proc.alive:                                # signal_pending(current)
-            if not c:
-                ret = -ERESTARTSYS
-            break
-        if batch_enabled(drv.kernel, (length - c) >> PAGE_SHIFT):
-            with encl.lock:
-                k = _add_pages_batch(drv, encl, proc, src + c, offset + c, (length - c) >> PAGE_SHIFT, secinfo, flags)
-            if k:
-                c += k << PAGE_SHIFT
-                continue
-        ret = sgx_encl_add_page(drv, encl, src + c, offset + c, secinfo, flags, proc)
-        if ret:
-            break
-        c += PAGE_SIZE
+    batched = False
+    try:
+        while c < length:
+            if not proc.alive:                                # signal_pending(current)
+                if not c:
+                    ret = -ERESTARTSYS
+                break
+            if batch_enabled(drv.kernel, (length - c) >> PAGE_SHIFT):
+                with encl.lock:
+                    k = _add_pages_batch(drv, encl, proc, src + c, offset + c, (length - c) >> PAGE_SHIFT,
+                                         secinfo, flags)
+                if k:
+                    batched = True
+                    c += k << PAGE_SHIFT
+                    continue
+            ret = sgx_encl_add_page(drv, encl, src + c, offset + c, secinfo, flags, proc)
+            if ret:
+                break
+            c += PAGE_SIZE
+    finally:
+        if batched:                                       # the batches' EEXTENDs are done when the ioctl is
+            drv.cpu.eadd_pages_wait(drv.epc_addr(encl.secs.epc_page))
     if not copy_to_user(proc, arg, ADD_PAGES.pack(src, offset, length, secinfo_ptr, flags, c)):
         return -errno.EFAULT
     return ret

@@ -113,6 +113,11 @@ class _GuestEvents:
         self._sources[len(self._log)] = self._source
         self._log.emit(*args, **kw)
 
+    def emit_many(self, *args, **kw) -> None:
+        start = len(self._log)
+        self._log.emit_many(*args, **kw)
+        self._sources.update(dict.fromkeys(range(start, len(self._log)), self._source))
+
     def __getattr__(self, name: str):
         return getattr(self._log, name)
 

@@ -11,9 +11,75 @@ PCMDs, INIT, and the ETRACK/EBLOCK epochs of the "blocking and tracking" protoco
 from __future__ import annotations
 
 import hashlib
+import threading
 from dataclasses import dataclass, field
+from typing import Callable
 
-__all__ = ["SecsState"]
+__all__ = ["SecsState", "Measurement"]
+
+
+class Measurement:
+    """MRENCLAVE under construction: a SHA-256 whose updates may run on a worker thread
+    (:meth:`absorb`, the EADD batch's measurement beside its copy of the contents); every
+    other use (``update``, ``digest``, ``copy``) first waits for that worker, so the hash input keeps its
+    order and a reader never sees a half-absorbed batch.
+
+    >>> m = Measurement(); m.absorb(lambda sha: sha.update(b"ab"), background=True); m.update(b"c")
+    >>> m.hexdigest() == hashlib.sha256(b"abc").hexdigest()
+    True
+    """
+
+    __slots__ = ("_sha", "_worker", "_error")
+
+    def __init__(self) -> None:
+        self._sha = hashlib.sha256()
+        self._worker: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def wait(self) -> None:
+        """Wait for the background update, if any (re-raising what it raised)."""
+        worker = self._worker
+        if worker is not None:
+            worker.join()
+            self._worker = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def absorb(self, fn: Callable[["hashlib._Hash"], None], background: bool = False) -> None:
+        """Run ``fn(sha)`` (it feeds the hash what the leaves would, in order), on a worker thread when
+        ``background``."""
+        self.wait()
+        if not background:
+            fn(self._sha)
+            return
+
+        def run() -> None:
+            try:
+                fn(self._sha)
+            except BaseException as e:                 # surfaces at the next wait()
+                self._error = e
+
+        self._worker = threading.Thread(target=run, name="eadd-measure")
+        self._worker.start()
+
+    def update(self, data) -> None:
+        self.wait()
+        self._sha.update(data)
+
+    def digest(self) -> bytes:
+        self.wait()
+        return self._sha.digest()
+
+    def hexdigest(self) -> str:
+        self.wait()
+        return self._sha.hexdigest()
+
+    def copy(self) -> "Measurement":
+        self.wait()
+        m = Measurement()
+        m._sha = self._sha.copy()
+        return m
 
 
 @dataclass
@@ -25,7 +91,7 @@ class SecsState:
     xfrm: int
     miscselect: int
     ssa_frame_size: int
-    measurement: "hashlib._Hash" = field(default_factory=hashlib.sha256)
+    measurement: Measurement = field(default_factory=Measurement)
     mrenclave: bytes = bytes(32)
     mrsigner: bytes = bytes(32)
     isvprodid: int = 0

@@ -13,6 +13,8 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass
 
+import numpy as np
+
 from vepc.arch.constants import PAGE_SHIFT, PAGE_SIZE
 from vepc.types import PhysAddr
 
@@ -86,3 +88,12 @@ class EpcLayout:
 
     def contains(self, phys: int) -> bool:
         return self.section_id_of(phys) >= 0
+
+    def contains_any(self, addrs) -> bool:
+        """Whether any of the physical addresses ``addrs`` is EPC (:meth:`contains` of each, one pass per section).
+
+        >>> EpcLayout([EpcSection(PhysAddr(0x80000000), 1 << 20)]).contains_any([0x1000, 0x80001000])
+        True
+        """
+        a = np.asarray(addrs, dtype=np.int64)
+        return any(bool(((a >= s.base) & (a < s.end)).any()) for s in self.sections)

@@ -151,11 +151,20 @@ class EpcStore:
         return out
 
     def store_run(self, first: int, pages: np.ndarray) -> None:
-        """Pages ``first .. first + len(pages) - 1`` get the rows of ``pages`` (n x 4096 uint8). Pages without
-        a slot take free slots (in ``pop`` order), then fresh consecutive ones; the copy is one numpy
-        assignment per chunk (a slice when the chunk's slots are consecutive), no Python loop per page."""
-        n = len(pages)
-        slots = self._claim(np.arange(first, first + n, dtype=np.int64), zero=False)   # every row overwritten
+        """Pages ``first .. first + len(pages) - 1`` get the rows of ``pages`` (n x 4096 uint8): :meth:`store_at`."""
+        self.store_at(np.arange(first, first + len(pages), dtype=np.int64), pages)
+
+    def store_at(self, indices: np.ndarray, pages: np.ndarray) -> None:
+        """Page ``indices[i]`` (distinct) gets row ``i`` of ``pages`` (n x 4096 uint8), as ``self[i] = row``
+        of each in order would: pages without a slot take free slots (in ``pop`` order), then fresh
+        consecutive ones; the copy is one numpy assignment per chunk (a slice when the chunk's slots are
+        consecutive), no Python loop per page.
+
+        >>> st = EpcStore(8); st.store_at(np.array([5, 2]), np.full((2, 4096), 7, dtype=np.uint8))
+        >>> sorted(st.keys()), bytes(st.get(2)[:1])
+        ([2, 5], b'\\x07')
+        """
+        slots = self._claim(np.asarray(indices, dtype=np.int64), zero=False)   # every row overwritten
         chunk, off = np.divmod(slots, self.CHUNK)
         c_lo, c_hi = int(chunk.min()), int(chunk.max())
         for c in range(c_lo, c_hi + 1):
@@ -312,6 +321,29 @@ class PhysicalMemory:
             addr = PhysAddr(addr + n)
             size -= n
         return bytes(out)
+
+    def read_pages(self, addrs: list[int], out: bytearray | None = None):
+        """The 4 KiB pages at the page-aligned ``addrs``, in order, as one buffer: what :meth:`read` of each
+        page joined gives; written into ``out`` (at least ``len(addrs)`` pages, reused by the caller: no
+        page faults on a fresh buffer) when given, and returned.
+
+        >>> mem = PhysicalMemory(EpcLayout((EpcSection(PhysAddr(0x80000000), 0x1000),)))
+        >>> mem.write(PhysAddr(0x2000), b"ab")
+        >>> buf = mem.read_pages([0x2000, 0x80000000], bytearray(3 * 4096))
+        >>> bytes(buf[:2]), bytes(buf[4096:4098])
+        (b'ab', b'\\xff\\xff')
+        """
+        if self.external or self.layout.contains_any(addrs):
+            pages = [self.read(PhysAddr(a), PAGE_SIZE) for a in addrs]
+        else:
+            ram = self.ram
+            pages = [ram.get(a >> PAGE_SHIFT, ZERO_PAGE) for a in addrs]
+        if out is None:
+            return b"".join(pages)
+        view = memoryview(out)
+        for i, page in enumerate(pages):
+            view[i << PAGE_SHIFT:(i + 1) << PAGE_SHIFT] = page
+        return out
 
     def write(self, addr: PhysAddr, data: bytes) -> None:
         view = memoryview(data)

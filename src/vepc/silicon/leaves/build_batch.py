@@ -23,13 +23,10 @@ per-page leaves as well.
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 
 from vepc.arch.constants import PAGE_SIZE, SECINFO_RESERVED_MASK, Leaf, PageType
 from vepc.arch.structs import Secinfo
-from vepc.arrays import is_run
 from vepc.silicon.epcm import PT_MASK, PT_SHIFT, RWX_SHIFT, VALID
 from vepc.silicon.leaves.build import _EEXTEND_BLOCK, EADD_TAG, EEXTEND_TAG
 
@@ -37,11 +34,13 @@ __all__ = ["eadd_batch", "eextend_page", "MEASURE_BLOCK_BYTES"]
 
 #: Bytes SHA-256 absorbs per measured page: the EADD block and 16 x (EEXTEND block + 256 bytes).
 MEASURE_BLOCK_BYTES = 64 + 16 * (64 + 256)
-#: From this many pages the measurement runs beside the copy of the contents (a thread costs ~50 us).
+#: From this many pages a chunk's hashing runs beside the kernel's other work (a thread costs ~50 us).
 _PARALLEL_PAGES = 256
-#: Pages per measurement buffer (about 5 MiB): large updates, bounded memory.
-_CHUNK = 1024
+#: Pages per measurement record buffer (about 2.6 MiB measured): large updates, bounded memory.
+_CHUNK = 512
 _CHUNK_OFFSETS = np.arange(16, dtype=np.uint64) * 256
+#: Record buffers not in use, by record width: reused, so a batch pays no page faults on a fresh buffer.
+_FREE_RECORDS: dict[int, list[np.ndarray]] = {64: [], MEASURE_BLOCK_BYTES: []}
 
 
 def _prefix_ok(ok: np.ndarray) -> int:
@@ -49,35 +48,60 @@ def _prefix_ok(ok: np.ndarray) -> int:
     return int(bad[0]) if len(bad) else len(ok)
 
 
-def _measure(st, pages: np.ndarray, offsets: np.ndarray, secinfo_flags: int, measure: bool) -> None:
-    """MRENCLAVE updates of EADD (and EEXTEND of chunks 0..15) for each page in order."""
-    n = len(pages)
-    secinfo48 = np.frombuffer(Secinfo(secinfo_flags).pack()[:48], dtype=np.uint8)
-    width = MEASURE_BLOCK_BYTES if measure else 64
-    rec = np.zeros((min(n, _CHUNK), width), dtype=np.uint8)       # reused: the headers' padding stays 0
-    r64 = rec.view("<u8")
-    r64[:, 0] = EADD_TAG
-    rec[:, 16:64] = secinfo48
+def _record_buffer(width: int, rows: int) -> np.ndarray:
+    """A record buffer of at least ``rows`` rows of ``width`` bytes with its constant fields set: the EADD
+    tag, and when measured the EEXTEND tags; the headers' zero padding is never written."""
+    free = _FREE_RECORDS[width]
+    while free:
+        rec = free.pop()
+        if len(rec) >= rows:
+            return rec
+    rows = max(rows, _CHUNK)
+    rec = np.zeros((rows, width), dtype=np.uint8)
+    rec.view("<u8")[:, 0] = EADD_TAG
+    if width == MEASURE_BLOCK_BYTES:
+        ext = rec[:, 64:].reshape(rows, 16, 320)
+        ext[:, :, 0:8] = np.frombuffer(EEXTEND_TAG.to_bytes(8, "little"), dtype=np.uint8)
+    return rec
+
+
+def _records(pages: np.ndarray, offsets: np.ndarray, secinfo48: np.ndarray, measure: bool) -> np.ndarray:
+    """What MRENCLAVE absorbs for EADD (and EEXTEND of chunks 0..15) of each of up to _CHUNK pages, in
+    order: the EADD block ("EADD" | offset | SECINFO[0:48]), then per 256-byte chunk its EEXTEND block
+    ("EEXTEND" | offset | 48 zero bytes) and the chunk."""
+    m = len(pages)
+    rec = _record_buffer(MEASURE_BLOCK_BYTES if measure else 64, m)
+    rec.view("<u8")[:m, 1] = offsets
+    rec[:m, 16:64] = secinfo48
     if measure:
         ext = rec[:, 64:].reshape(len(rec), 16, 320)
-        ext[:, :, 0:8] = np.frombuffer(EEXTEND_TAG.to_bytes(8, "little"), dtype=np.uint8)
-        ext_off = ext[:, :, 8:16]
-    for lo in range(0, n, _CHUNK):
-        hi = min(n, lo + _CHUNK)
-        m = hi - lo
-        r64[:m, 1] = offsets[lo:hi]
-        if measure:
-            chunk_off = offsets[lo:hi].astype(np.uint64)[:, None] + _CHUNK_OFFSETS
-            ext_off[:m] = chunk_off.astype("<u8").view(np.uint8).reshape(m, 16, 8)
-            ext[:m, :, 64:] = pages[lo:hi].reshape(m, 16, 256)
-        st.measurement.update(rec[:m])
+        ext[:m, :, 8:16] = (offsets.astype(np.uint64)[:, None] + _CHUNK_OFFSETS).astype("<u8").view(
+            np.uint8).reshape(m, 16, 8)
+        ext[:m, :, 64:] = pages.reshape(m, 16, 256)
+    return rec
+
+
+def _absorber(rec: np.ndarray, m: int):
+    """The measurement step for ``m`` rows of ``rec``: one SHA-256 update (hashlib runs it without the
+    GIL), then the buffer goes back for reuse."""
+    def absorb(sha) -> None:
+        try:
+            sha.update(rec[:m])
+        finally:
+            _FREE_RECORDS[rec.shape[1]].append(rec)
+    return absorb
 
 
 def eadd_batch(lp, secs_idx: int, idx: np.ndarray, offsets: np.ndarray, secinfo_flags: int, src,
-               measure: bool = True) -> int:
+               measure: bool = True, wait: bool = True) -> int:
     """EADD page ``i`` of ``src`` (4096 bytes each) to EPC page ``idx[i]`` at ``offsets[i]`` from the
     enclave base, as a PT_REG page with ``secinfo_flags``, into the enclave whose SECS is EPC page
-    ``secs_idx``; EEXTEND all of it when ``measure``. Returns how many leading pages were added."""
+    ``secs_idx``; EEXTEND all of it when ``measure``. Returns how many leading pages were added.
+
+    With ``wait=False`` the MRENCLAVE update (of records already copied from ``src``: the caller may reuse
+    it) may still run when this returns: the enclave's :class:`~vepc.silicon.enclave_state.Measurement`
+    finishes it before any other use, and the caller waits for it (``measurement.wait()``) before its own
+    work is complete."""
     proc = lp.processor
     idx = np.asarray(idx, dtype=np.int64)
     offsets = np.asarray(offsets, dtype=np.int64)
@@ -119,24 +143,19 @@ def eadd_batch(lp, secs_idx: int, idx: np.ndarray, offsets: np.ndarray, secinfo_
         return 0
     with proc.lock:
         pages = src[:n * PAGE_SIZE].reshape(n, PAGE_SIZE)
-        # MRENCLAVE on another thread while the contents are stored: hashlib and numpy's copies run without
-        # the GIL, and the measurement only reads the source pages (the order of the hash input is unchanged).
-        worker = None
-        if n >= _PARALLEL_PAGES:
-            worker = threading.Thread(target=_measure, args=(st, pages, offsets, secinfo_flags, measure),
-                                      name="eadd-measure")
-            worker.start()
-        else:
-            _measure(st, pages, offsets, secinfo_flags, measure)
-        # Contents: what EADD copies from SRCPGE (runs of consecutive pages as one copy).
+        secinfo48 = np.frombuffer(Secinfo(secinfo_flags).pack()[:48], dtype=np.uint8)
+        background = n >= _PARALLEL_PAGES or not wait
         store = proc.memory.epc
-        if is_run(idx):
-            store.store_run(int(idx[0]), pages)         # ascending consecutive pages: one copy
-        else:
-            for i, ix in enumerate(idx.tolist()):
-                store[ix] = pages[i]
-        if worker is not None:
-            worker.join()
+        # Chunk by chunk: the records are built here, hashed on a worker thread (the next chunk's absorb
+        # waits for it, so the hash input keeps its order) while this thread stores the chunk's contents,
+        # what EADD copies from SRCPGE, and builds the next.
+        for lo in range(0, n, _CHUNK):
+            hi = min(n, lo + _CHUNK)
+            st.measurement.absorb(_absorber(_records(pages[lo:hi], offsets[lo:hi], secinfo48, measure), hi - lo),
+                                  background=background)
+            store.store_at(idx[lo:hi], pages[lo:hi])
+        if wait:
+            st.measurement.wait()
         # EPCM: valid PT_REG with the SECINFO's RWX, the SECS, ENCLAVEADDRESS as a page offset.
         epcm.flags[idx] = VALID | (int(PageType.REG) << PT_SHIFT) | ((secinfo_flags & 0x7) << RWX_SHIFT)
         epcm.secs[idx] = secs_idx
