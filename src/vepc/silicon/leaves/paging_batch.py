@@ -147,15 +147,16 @@ def ewb_batch(lp, idx: np.ndarray, va_idx: np.ndarray, va_off: np.ndarray, out: 
         pcmd[:n, :64] = secinfo                              # PCMD: SECINFO | ENCLAVEID | 40 reserved | MAC
         pcmd[:n].view("<u8")[:, 8] = eid
         pcmd[:n, 72:112] = 0
-        srcs = store.views(idx_n)
+        chunks, chunk_of, off_of = store.spans(idx_n)
+        chunks = chunks + [_ZERO_PAGE]                       # chunk -1: a page without contents reads zeros
         aes = AESGCM(proc.paging_key)
+        encrypt_into = aes.encrypt_into
         last = memoryview(bytearray(PAGE_SIZE + 16))        # the last page's tag has no next row to use
         for i in range(n):
-            src = srcs[i]
             o = i * PAGE_SIZE
             sealed = out_mv[o:o + PAGE_SIZE + 16] if i + 1 < n else last
-            aes.encrypt_into(nonce[12 * i:12 * i + 12], src if src is not None else _ZERO_PAGE,
-                             hdr[128 * i:128 * i + 128], sealed)
+            c, so = chunk_of[i], off_of[i]
+            encrypt_into(nonce[12 * i:12 * i + 12], chunks[c][so:so + PAGE_SIZE], hdr[128 * i:128 * i + 128], sealed)
             pcmd_mv[128 * i + 112:128 * i + 128] = sealed[PAGE_SIZE:]
         out_mv[(n - 1) * PAGE_SIZE:n * PAGE_SIZE] = last[:PAGE_SIZE]
         for rows, words in _va_words(store, va_n, create=True):
@@ -232,21 +233,22 @@ def eldu_batch(lp, idx: np.ndarray, secs_idx: int, linaddrs: np.ndarray, va_idx:
         # Decrypted straight into the destination pages' slots (the ones EWB just freed, typically); a page
         # that holds contents already is decrypted aside first, so a MAC mismatch leaves them as they were.
         had = store.present(idx[:n])
-        dst = store.make_present(idx[:n], zero=False)       # each decrypted over, or given back below
-        aside = bytearray(PAGE_SIZE) if had.any() else None
+        chunks, chunk_of, off_of = store.spans(idx[:n], claim=True, zero=False)   # each decrypted over, or
+        aside = bytearray(PAGE_SIZE) if had.any() else None                      # given back below
         had_l = had.tolist()
-        aes = AESGCM(proc.paging_key)
+        decrypt_into = AESGCM(proc.paging_key).decrypt_into
         done = 0
         for i in range(n):
             sealed_mv[:PAGE_SIZE] = cont_mv[PAGE_SIZE * i:PAGE_SIZE * (i + 1)]
             sealed_mv[PAGE_SIZE:] = pcmd_mv[PCMD_SIZE * i + 112:PCMD_SIZE * (i + 1)]
+            so = off_of[i]
+            dst = chunks[chunk_of[i]][so:so + PAGE_SIZE]
             try:
-                aes.decrypt_into(nonce[12 * i:12 * i + 12], sealed, hdr[128 * i:128 * i + 128],
-                                 aside if had_l[i] else dst[i])
+                decrypt_into(nonce[12 * i:12 * i + 12], sealed, hdr[128 * i:128 * i + 128], aside if had_l[i] else dst)
             except InvalidTag:
                 break                                        # SGX_MAC_COMPARE_FAIL: per page
             if had_l[i]:
-                dst[i][:] = aside
+                dst[:] = aside
             done += 1
         for i in range(n - 1, done - 1, -1):                 # not loaded: no contents (slots given back)
             if not had_l[i]:
