@@ -175,6 +175,42 @@ def test_process_exit_releases_everything():
     check(m, idle=True)
 
 
+@pytest.mark.parametrize("batch", [False, True])
+def test_touch_faults_each_missing_page_across_vmas_and_stops_at_a_hole_with_sigsegv(batch):
+    """Process.touch (QEMU's prealloc loop): every page without a PTE faults once, in order, across the
+    VMAs of the range and only up to its end; a page with no VMA is SIGSEGV and ends the touch there."""
+    m = host()
+    m.kernel.batch = batch
+    proc, fd = open_vepc(m)
+    seen = []
+    proc.sigaction(signal.SIGSEGV, lambda sig, addr: seen.append(addr))
+    addr = proc.mmap(64 * 4096, fd=fd)
+    assert proc.touch(addr + 3 * 4096)                                # one page first: the rest skip it
+    proc.munmap(addr + 40 * 4096, 2 * 4096)                            # two VMAs with a hole between
+    assert proc.touch(addr, 20 * 4096 + 1)                             # 21 pages, ends inside the first VMA
+    assert m.events.count(EventKind.VEPC_FAULT) == 21
+    assert not proc.touch(addr, 64 * 4096)
+    assert seen == [addr + 40 * 4096]
+    assert m.events.count(EventKind.VEPC_FAULT) == 40                 # up to the hole, each page once
+    assert proc.touch(addr + 42 * 4096, 22 * 4096)                     # the second VMA
+    assert m.events.count(EventKind.EPC_ALLOC) == 62
+    check(m)
+
+
+def test_write_touch_of_a_read_only_mapping_is_sigsegv_without_a_fault():
+    from vepc.kernel.mm import MAP_ANONYMOUS, PROT_READ
+
+    m = host()
+    proc = m.kernel.spawn("app")
+    seen = []
+    proc.sigaction(signal.SIGSEGV, lambda sig, addr: seen.append(addr))
+    ro = proc.mmap(4 * 4096, prot=PROT_READ, flags=MAP_PRIVATE | MAP_ANONYMOUS)
+    assert not proc.touch(ro, 4 * 4096, write=True)
+    assert seen == [ro] and not proc.find_vma(ro).ptes.count_range(ro >> 12, 4)
+    assert proc.touch(ro, 4 * 4096, write=False)                       # reads fault RAM in
+    check(m)
+
+
 # -- exhaustion --------------------------------------------------------------------------------------
 def test_exhaustion_without_reclaimable_pages_is_enomem_and_sigbus_kills_the_toucher():
     m = host(epc=("1M@0",))

@@ -311,7 +311,7 @@ class EpcPool:
                 page = self._alloc_any(node)
             if page >= 0:
                 self.owner[page] = oid
-                self.events.emit(EventKind.EPC_ALLOC, owner=oid, page=page)
+                self.events.emit(EventKind.EPC_ALLOC, oid, page)
                 break
             if not self.can_reclaim():
                 page = -errno.ENOMEM                      # (no wakeup: nothing to reclaim)

@@ -326,14 +326,20 @@ class Process:
             return VM_FAULT_SIGBUS
         if (addr >> PAGE_SHIFT) in vma.ptes:
             return VM_FAULT_NOPAGE
+        return self._fault_in(vma, addr, write, allow_retry)
+
+    def _fault_in(self, vma: Vma, addr: int, write: bool, allow_retry: bool = True) -> int:
+        """:meth:`fault` from the point where ``addr`` is known to lie in ``vma`` (allowing the access)
+        with no PTE: the VMA's fault handler, retries, the signal."""
         if vma.vm_ops is None:
             pfn = self.kernel.ram.alloc()
             vma.ptes[addr >> PAGE_SHIFT] = pfn
             return VM_FAULT_NOPAGE
         flags = FAULT_FLAG_USER | (FAULT_FLAG_WRITE if write else 0) | (FAULT_FLAG_ALLOW_RETRY if allow_retry else 0)
+        handler = vma.vm_ops.fault
         for _ in range(MAX_FAULT_RETRIES):
             with self.kernel.running(self):      # the fault runs in this task's context (current)
-                ret = vma.vm_ops.fault(VmFault(vma, addr, flags))
+                ret = handler(VmFault(vma, addr, flags))
             if ret & VM_FAULT_RETRY:
                 # mm/memory.c: the fault is retried with FAULT_FLAG_TRIED; meanwhile kthreads run.
                 flags |= FAULT_FLAG_TRIED
@@ -412,9 +418,10 @@ class Process:
             vma.ptes[vpn] = self.kernel.ram.alloc()
             return vma.ptes[vpn]
         flags = (FAULT_FLAG_WRITE if write else 0) | FAULT_FLAG_ALLOW_RETRY
+        fault = vma.vm_ops.fault
         for _ in range(MAX_FAULT_RETRIES):
             with self.kernel.running(self):      # the fault runs in this task's context (current)
-                ret = vma.vm_ops.fault(VmFault(vma, addr, flags))
+                ret = fault(VmFault(vma, addr, flags))
             if ret & VM_FAULT_RETRY:
                 flags |= FAULT_FLAG_TRIED
                 self.kernel.schedule()
@@ -434,17 +441,29 @@ class Process:
         end = addr + length
         while page < end:
             vma = self.find_vma(page)
-            n = (min(end + PAGE_SIZE - 1, vma.end) - page) >> PAGE_SHIFT if vma is not None else 0
+            if vma is None or (write and not vma.flags & VM_WRITE):
+                if self.fault(page, write) & VM_FAULT_SIGBUS or not self.alive:     # SIGSEGV
+                    return False
+                page += PAGE_SIZE
+                continue
+            n = (min(end + PAGE_SIZE - 1, vma.end) - page) >> PAGE_SHIFT
             if n > 1 and self.alive and self._batch_vma(vma, write, n):
                 flags = FAULT_FLAG_USER | (FAULT_FLAG_WRITE if write else 0) | FAULT_FLAG_ALLOW_RETRY
                 done = self._fault_missing(vma, page >> PAGE_SHIFT, n, flags)
                 page += done << PAGE_SHIFT
                 if done == n:
                     continue
-            if vma is None or (page >> PAGE_SHIFT) not in vma.ptes:
-                if self.fault(page, write) & VM_FAULT_SIGBUS or not self.alive:
-                    return False
-            page += PAGE_SIZE
+                n = 1                                    # that page alone, then the batch again
+            # Page by page through this VMA (no batch for it, and none for fewer pages either). A fault
+            # does not unmap the VMA without killing the task or signalling it, which ends the touch.
+            ptes = vma.ptes
+            stop = page + (n << PAGE_SHIFT)
+            for p in range(page, stop, PAGE_SIZE):
+                if (p >> PAGE_SHIFT) not in ptes:
+                    self._check_alive()
+                    if self._fault_in(vma, p, write) & VM_FAULT_SIGBUS or not self.alive:
+                        return False
+            page = stop
         return True
 
     def populate(self, addr: int, length: int) -> None:

@@ -53,9 +53,10 @@ class PageArray:
     def store(self, index: int, page: int) -> None:
         if index >= len(self._a):
             self._grow(index)
-        if not self._a[index]:
+        a = self._a
+        if not a.item(index):
             self._n += 1
-        self._a[index] = page + 1
+        a[index] = page + 1
 
     def erase(self, index: int) -> None:
         if index < len(self._a) and self._a[index]:

@@ -187,7 +187,7 @@ class VepcDriver(FileOps):
             result = VM_FAULT_RETRY
         else:
             result = VM_FAULT_SIGBUS
-        self.events.emit(EventKind.VEPC_FAULT, owner=vepc.owner_id, arg=index, arg2=result)
+        self.events.emit(EventKind.VEPC_FAULT, vepc.owner_id, -1, 1, index, result)
         return result
 
     def fault_range(self, vma: Vma, vpns, flags: int) -> int:

@@ -182,7 +182,7 @@ class Vm:
         if pfn < 0:
             raise KvmRunError(errno.EFAULT, gpa)
         self.ept[s.slot][gpa >> PAGE_SHIFT] = pfn
-        self.kvm.events.emit(EventKind.EPT_VIOLATION, arg=gpa >> PAGE_SHIFT, arg2=pfn)
+        self.kvm.events.emit(EventKind.EPT_VIOLATION, -1, -1, 1, gpa >> PAGE_SHIFT, pfn)
         return pfn
 
     def translate_batch(self, gpas: np.ndarray, fault_in: bool = True) -> np.ndarray:
