@@ -119,3 +119,21 @@ def test_bookkeeping_stays_within_budget_per_page():
     m, pool, o = machine(("16M@0",))
     epcm = m.processor.epcm.nbytes / m.processor.epcm.nr_pages
     assert epcm == 10 and pool.nbytes_per_page == 9
+
+
+def test_a_range_of_pages_converts_and_eremoves_as_the_array_of_them_within_and_across_sections():
+    """The release's fast path hands runs of pages down as ranges (slices): addresses and EREMOVE results
+    equal those of the same pages as an array, also for a run that crosses into the next section."""
+    import numpy as np
+
+    from vepc.kernel.cpu import eremove_batch
+
+    m, pool, o = machine()
+    for pages in (range(3, 40), range(250, 262), range(0, 512)):
+        arr = np.arange(pages.start, pages.stop)
+        got = pool.phys_addr_batch(pages)
+        assert list(got) == pool.phys_addr_batch(arr).tolist()
+        assert isinstance(got, range) == (pool.section_of(pages.start) is pool.section_of(pages.stop - 1))
+        assert eremove_batch(m.kernel.cpu, got).tolist() == eremove_batch(m.kernel.cpu, pool.phys_addr_batch(arr)).tolist()
+    assert m.processor.epc_index_range(range(pool.phys_addr(0), pool.phys_addr(0) + 8192, 4096)) == range(0, 2)
+    assert m.processor.epc_index_range(range(pool.phys_addr(0) + 1, pool.phys_addr(0) + 8193, 4096)) is None

@@ -161,8 +161,14 @@ class HostCpu:
         idx = self.processor.layout.index_of(page_addr)
         return idx >= 0 and eextend_page(self.lp, idx, secs_addr)
 
-    def eremove_batch(self, addrs: np.ndarray, stop_unless: tuple[int, ...] | None = None) -> np.ndarray:
-        """EREMOVE at host-physical ``addrs`` in order (see :class:`KernelCpu`); a prefix of the results."""
+    def eremove_batch(self, addrs: "np.ndarray | range", stop_unless: tuple[int, ...] | None = None) -> np.ndarray:
+        """EREMOVE at host-physical ``addrs`` in order (see :class:`KernelCpu`); a prefix of the results.
+        A ``range`` of consecutive pages in one EPC section goes down as a range of EPC pages (slices)."""
+        if isinstance(addrs, range):
+            idx = self.processor.epc_index_range(addrs)
+            if idx is not None:
+                rets = self.processor.eremove_batch(self.lp, idx, stop_unless)
+                return EMPTY_RESULTS if rets is None else rets
         addrs = np.asarray(addrs, dtype=np.int64)
         idx = self.processor.epc_indices(addrs)
         if len(idx) and (idx.min() < 0 or (addrs & (PAGE_SIZE - 1)).any()):

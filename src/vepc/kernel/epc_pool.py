@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from vepc.arch.constants import PAGE_SHIFT, SGX_NR_LOW_PAGES
+from vepc.arch.constants import PAGE_SHIFT, PAGE_SIZE, SGX_NR_LOW_PAGES
 from vepc.events import EventKind, EventLog
 from vepc.kernel.owners import OwnerKind, OwnerRegistry
 from vepc.kernel.pte import MAX_PFN, as_run
@@ -208,8 +208,14 @@ class EpcPool:
     def node_of(self, page: int) -> int:
         return self.section_of(page).node
 
-    def phys_addr_batch(self, pages: np.ndarray) -> np.ndarray:
-        """``sgx_get_epc_phys_addr`` of every page (int64)."""
+    def phys_addr_batch(self, pages: "np.ndarray | range") -> "np.ndarray | range":
+        """``sgx_get_epc_phys_addr`` of every page (int64); a ``range`` of pages inside one section gives
+        the ``range`` of their addresses (no array)."""
+        if isinstance(pages, range) and pages.step == 1 and len(pages):
+            s = self.section_of(pages.start)
+            if pages.stop <= s.first + s.nr_pages:
+                start = s.phys_addr + ((pages.start - s.first) << PAGE_SHIFT)
+                return range(start, start + (len(pages) << PAGE_SHIFT), PAGE_SIZE)
         pages = np.asarray(pages, dtype=np.int64)
         if len(self.sections) == 1:
             s = self.sections[0]

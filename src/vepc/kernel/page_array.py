@@ -42,6 +42,12 @@ class PageArray:
         new[:len(self._a)] = self._a
         self._a = new
 
+    def reserve(self, size: int) -> None:
+        """Room for indices below ``size`` now (zeroed lazily by the OS), so that a batch filling them in
+        order does not copy the array at every doubling."""
+        if size > len(self._a):
+            self._grow(size - 1)
+
     def load(self, index: int) -> int | None:
         a = self._a
         if index < len(a):

@@ -214,6 +214,7 @@ class VepcDriver(FileOps):
             m = len(pages)
             if not m:
                 return 0
+            pa.reserve(vma.pgoff + ((vma.end - vma.start) >> PAGE_SHIFT))     # a prealloc fills the VMA
             # Indices before ``k`` are empty (first_present) and ``vpns`` have no PTE (the caller's contract).
             pa.store_many(index[:m], pages, fresh=True)
             # vmf_insert_pfn for each page (cannot fail on this VM_PFNMAP VMA).
@@ -261,9 +262,10 @@ class VepcDriver(FileOps):
             text = EREMOVE_ERROR_MESSAGE.format(ret)
         self.kernel.warn_once("vepc_free_page", text)
 
-    def remove_pages_batch(self, pages: np.ndarray, stop_unless: tuple[int, ...] | None = None) -> np.ndarray:
-        """``sgx_vepc_remove_page`` of ``pages`` in order through the CPU's batch: the results of a
-        prefix (see :func:`vepc.kernel.cpu.eremove_batch`), with the VEPC_EREMOVE events they carry."""
+    def remove_pages_batch(self, pages: "np.ndarray | range", stop_unless: tuple[int, ...] | None = None) -> np.ndarray:
+        """``sgx_vepc_remove_page`` of ``pages`` (an array or a ``range``) in order through the CPU's
+        batch: the results of a prefix (see :func:`vepc.kernel.cpu.eremove_batch`), with the VEPC_EREMOVE
+        events they carry."""
         if not len(pages):
             return np.zeros(0, dtype=np.int64)
         rets = eremove_batch(self.kernel.cpu, self.pool.phys_addr_batch(pages), stop_unless)
@@ -354,6 +356,9 @@ class VepcDriver(FileOps):
         while i < n:
             hi = min(n, i + RELEASE_CHUNK)
             pages = np.subtract(raw[i:hi], 1, dtype=np.int64)           # this chunk's pages (int64)
+            run = as_run(pages)
+            if run is not None:
+                pages = range(*run)              # consecutive pages (a prealloc's): slices all the way down
             rets = self.remove_pages_batch(pages)
             if len(rets):
                 seg_pages = pages[:len(rets)]
@@ -370,7 +375,7 @@ class VepcDriver(FileOps):
                     if len(unexpected):
                         j = int(unexpected[0])
                         self._warn_free_failure(int(seg_pages[j]), int(rets[j]))
-                    self.pool.free_batch(seg_pages[ok])
+                    self.pool.free_batch(np.asarray(seg_pages)[ok])
                     pa.erase_many(np.asarray(seg_index)[ok])
                 i += len(rets)
             if i < hi:

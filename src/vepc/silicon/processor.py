@@ -16,7 +16,7 @@ from typing import Callable
 import numpy as np
 
 from vepc.arch.constants import (
-    CPUID_1_ECX_VMX, CPUID_7_EBX_SGX, CPUID_7_ECX_SGX_LC, EPC_SECTION_TYPE, PAGE_SHIFT, SGX_MISC_EXINFO, Cpuid12Eax, FeatureControl, Leaf,
+    CPUID_1_ECX_VMX, CPUID_7_EBX_SGX, CPUID_7_ECX_SGX_LC, EPC_SECTION_TYPE, PAGE_SHIFT, PAGE_SIZE, SGX_MISC_EXINFO, Cpuid12Eax, FeatureControl, Leaf,
 )
 from vepc.events import EventKind, EventLog
 from vepc.silicon.enclave_state import SecsState
@@ -182,6 +182,23 @@ class Processor:
         inside = (pos >= 0) & (addrs < self._sec_end[posc])
         idx = self._sec_first[posc] + ((addrs - self._sec_base[posc]) >> PAGE_SHIFT)
         return np.where(inside, idx, -1)
+
+    def epc_index_range(self, addrs: range) -> range | None:
+        """:meth:`epc_indices` of a ``range`` of consecutive page addresses inside one EPC section, as the
+        ``range`` of their page indices; None for any other range (not aligned, not EPC, two sections).
+
+        >>> from vepc.silicon import ProcessorConfig, EpcSection
+        >>> p = Processor(ProcessorConfig(sections=(EpcSection(PhysAddr(0x80000000), 1 << 20),)))
+        >>> p.epc_index_range(range(0x80001000, 0x80003000, 4096)), p.epc_index_range(range(0x1000, 0x3000, 4096))
+        (range(1, 3), None)
+        """
+        if addrs.step != PAGE_SIZE or addrs.start & (PAGE_SIZE - 1) or not len(addrs):
+            return None
+        sid = self.layout.section_id_of(addrs.start)
+        if sid < 0 or addrs[-1] >= self.config.sections[sid].end:
+            return None
+        first = self.layout.first_index[sid] + ((addrs.start - self.config.sections[sid].base) >> PAGE_SHIFT)
+        return range(first, first + len(addrs))
 
     def eremove_batch(self, lp, idx: np.ndarray, stop_unless: tuple[int, ...] | None = None) -> np.ndarray | None:
         """ENCLS[EREMOVE] from ``lp`` on EPC pages ``idx`` (operands already resolved), in order: the

@@ -76,20 +76,22 @@ def eremove_page(proc, idx: int) -> int:
     return 0
 
 
-def eremove_batch(proc, idx: np.ndarray, stop_unless: tuple[int, ...] | None = None) -> np.ndarray:
-    """EREMOVE of EPC pages ``idx`` (resolved operands) in order; the results, one per page.
+def eremove_batch(proc, idx: "np.ndarray | range", stop_unless: tuple[int, ...] | None = None) -> np.ndarray:
+    """EREMOVE of EPC pages ``idx`` (resolved operands; an array or a ``range``) in order; the results, one
+    per page.
 
     With ``stop_unless``, stop right after the first result not in it (the results of a prefix are
     returned, and no later page is touched), as a caller that gives up at such a result would.
     The caller holds ``proc.lock`` and made the checks ENCLS makes before any leaf (#UD).
     """
-    idx = np.asarray(idx, dtype=np.int64)
+    if not isinstance(idx, range):
+        idx = np.asarray(idx, dtype=np.int64)
     rets = np.zeros(len(idx), dtype=np.int64)
     if not len(idx):
         return rets
     n = len(idx)
     contiguous = is_run(idx)
-    flags = proc.epcm.flags[int(idx[0]):int(idx[0]) + n] if contiguous else proc.epcm.flags[idx]
+    flags = proc.epcm.flags[int(idx[0]):int(idx[0]) + n] if contiguous else proc.epcm.flags[np.asarray(idx)]
     valid = np.flatnonzero(flags & VALID)
     # Invalid pages: "nothing to do" -- and nothing an earlier EREMOVE does can make a page valid.
     for j in valid.tolist():
