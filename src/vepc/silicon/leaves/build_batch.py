@@ -144,18 +144,31 @@ def eadd_batch(lp, secs_idx: int, idx: np.ndarray, offsets: np.ndarray, secinfo_
     with proc.lock:
         pages = src[:n * PAGE_SIZE].reshape(n, PAGE_SIZE)
         secinfo48 = np.frombuffer(Secinfo(secinfo_flags).pack()[:48], dtype=np.uint8)
-        background = n >= _PARALLEL_PAGES or not wait
         store = proc.memory.epc
-        # Chunk by chunk: the records are built here, hashed on a worker thread (the next chunk's absorb
-        # waits for it, so the hash input keeps its order) while this thread stores the chunk's contents,
-        # what EADD copies from SRCPGE, and builds the next.
-        for lo in range(0, n, _CHUNK):
-            hi = min(n, lo + _CHUNK)
-            st.measurement.absorb(_absorber(_records(pages[lo:hi], offsets[lo:hi], secinfo48, measure), hi - lo),
-                                  background=background)
-            store.store_at(idx[lo:hi], pages[lo:hi])
-        if wait:
+        if wait and n >= _PARALLEL_PAGES:
+            # The caller waits for the batch: a worker builds and hashes the records chunk by chunk while
+            # this thread stores the contents, what EADD copies from SRCPGE (the source stays unchanged
+            # meanwhile: the caller is in here). numpy's copies and hashlib run without the GIL.
+            def measure_all(sha) -> None:
+                for lo in range(0, n, _CHUNK):
+                    hi = min(n, lo + _CHUNK)
+                    _absorber(_records(pages[lo:hi], offsets[lo:hi], secinfo48, measure), hi - lo)(sha)
+
+            st.measurement.absorb(measure_all, background=True)
+            store.store_at(idx, pages)
             st.measurement.wait()
+        else:
+            # The caller goes on while the batch is hashed (wait=False; its Python would hold the GIL that a
+            # worker building records needs between numpy calls): the records are built here, chunk by
+            # chunk, each hashed on a worker (the next chunk's absorb waits for it, so the hash input keeps
+            # its order) while this thread stores the chunk's contents and builds the next.
+            for lo in range(0, n, _CHUNK):
+                hi = min(n, lo + _CHUNK)
+                st.measurement.absorb(_absorber(_records(pages[lo:hi], offsets[lo:hi], secinfo48, measure),
+                                                hi - lo), background=not wait)
+                store.store_at(idx[lo:hi], pages[lo:hi])
+            if wait:
+                st.measurement.wait()
         # EPCM: valid PT_REG with the SECINFO's RWX, the SECS, ENCLAVEADDRESS as a page offset.
         epcm.flags[idx] = VALID | (int(PageType.REG) << PT_SHIFT) | ((secinfo_flags & 0x7) << RWX_SHIFT)
         epcm.secs[idx] = secs_idx
