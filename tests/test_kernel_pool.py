@@ -137,3 +137,45 @@ def test_a_range_of_pages_converts_and_eremoves_as_the_array_of_them_within_and_
         assert eremove_batch(m.kernel.cpu, got).tolist() == eremove_batch(m.kernel.cpu, pool.phys_addr_batch(arr)).tolist()
     assert m.processor.epc_index_range(range(pool.phys_addr(0), pool.phys_addr(0) + 8192, 4096)) == range(0, 2)
     assert m.processor.epc_index_range(range(pool.phys_addr(0) + 1, pool.phys_addr(0) + 8193, 4096)) is None
+
+
+def test_free_ring_keeps_fifo_order_with_the_boot_run_unwritten():
+    """NumaNode keeps the boot's in-order run as (first, length) until a push breaks it: any sequence of
+    pushes, pops and takes gives the pages a plain FIFO would, and booting writes no ring memory."""
+    import random
+    from collections import deque
+
+    import numpy as np
+
+    from vepc.kernel.epc_pool import NumaNode
+
+    m, pool, o = machine(epc=("1M@0",))
+    node = pool.nodes[0]
+    assert node.run_len == node.capacity == 256 and not node.ring.any()      # boot: nothing written
+    for seed in range(30):
+        rng = random.Random(seed)
+        cap = rng.randint(4, 40)
+        nd = NumaNode(0, capacity=cap, ring=np.zeros(cap, dtype=np.uint32))
+        ref: deque[int] = deque()
+        start = rng.randint(0, 50)
+        k = rng.randint(0, cap)
+        nd.push_many(np.arange(start, start + k))
+        ref.extend(range(start, start + k))
+        for _ in range(60):
+            op = rng.random()
+            if op < 0.3 and ref:
+                assert nd.pop() == ref.popleft()
+            elif op < 0.5 and ref:
+                j = rng.randint(1, len(ref))
+                assert nd.take(j).tolist() == [ref.popleft() for _ in range(j)]
+            elif op < 0.7 and len(ref) < cap:
+                p = rng.randint(0, 99)
+                nd.push(p)
+                ref.append(p)
+            elif len(ref) < cap:
+                j = rng.randint(1, cap - len(ref))
+                first = rng.choice([ref[-1] + 1 if ref else 0, rng.randint(0, 99)])
+                pages = np.arange(first, first + j) if rng.random() < 0.6 else np.array(rng.sample(range(100), j))
+                nd.push_many(pages)
+                ref.extend(pages.tolist())
+            assert nd.free_pages().tolist() == list(ref) and nd.nr_free == len(ref)

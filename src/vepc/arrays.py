@@ -2,13 +2,35 @@
 
 >>> is_run(np.array([3, 4, 5])), is_run(np.array([3, 5, 4])), is_run(range(2, 9)), is_run([])
 (True, False, True, False)
+>>> a = lazy_zeros(1 << 20, np.uint32); a[5] = 7; int(a.sum()), a.dtype.name
+(7, 'uint32')
 """
 
 from __future__ import annotations
 
+import mmap
+
 import numpy as np
 
-__all__ = ["is_run"]
+__all__ = ["is_run", "lazy_zeros"]
+
+#: From this size ``lazy_zeros`` gives the array its own anonymous mapping.
+_LAZY_MIN = 1 << 16
+#: mman.h MAP_NORESERVE (x86): no swap reserved, so a terabyte host's arrays map on a small machine.
+_MAP_NORESERVE = 0x4000
+
+
+def lazy_zeros(n: int, dtype) -> np.ndarray:
+    """Zeros whose memory the OS supplies on first touch: an untouched page of a large per-page array
+    costs nothing. (``np.zeros`` gets that only when glibc maps the block afresh; below its adaptive mmap
+    threshold, up to 32 MiB, the block can come from reused heap that calloc clears, making all of it
+    resident at once.) Small arrays are plain ``np.zeros``."""
+    dt = np.dtype(dtype)
+    nbytes = n * dt.itemsize
+    if nbytes < _LAZY_MIN:
+        return np.zeros(n, dtype=dt)
+    m = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE)
+    return np.frombuffer(m, dtype=dt)
 
 #: Elements compared per step: small enough that the temporaries stay in the CPU cache (a 4 M-page check
 #: is ~4x faster than one ``np.diff`` over the whole array).

@@ -71,9 +71,11 @@ def memory(epc: str) -> dict:
     _trim_heap()                   # the warm-up's freed heap goes back: later arrays cannot hide in it
     r0 = rss()
     host = Machine.build(epc=[f"{epc}@0"])
+    _trim_heap()                   # at every reading: freed heap glibc keeps is not the model's memory
     r1 = rss()
     quarter = parse_size(epc) // 4
     running = [QemuVm(host, _epc_vm_args(f"{quarter >> 10}K"), name=f"vm{i}").start() for i in range(4)]
+    _trim_heap()
     r2 = rss()
     pages = host.kernel.pool.nr_pages
     if host.kernel.pool.nr_free != 0 or any(vm.guest is None for vm in running):

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from vepc.arch.constants import PAGE_SHIFT, PAGE_SIZE, SGX_NR_LOW_PAGES
+from vepc.arrays import lazy_zeros
 from vepc.events import EventKind, EventLog
 from vepc.kernel.owners import OwnerKind, OwnerRegistry
 from vepc.kernel.pte import MAX_PFN, as_run
@@ -89,7 +90,18 @@ class KSection:
 
 @dataclass
 class NumaNode:
-    """``struct sgx_numa_node``: FIFO free list (a ring), poison list, size."""
+    """``struct sgx_numa_node``: FIFO free list (a ring), poison list, size.
+
+    While every page pushed so far continues one ascending run from ring slot 0 (boot frees a section's
+    pages in order), the run is kept as its first page (``run_first``) and length (``run_len``) instead
+    of being written to the ring, whose memory then stays untouched; the first push that breaks the run
+    writes the part still on the list into the ring (:meth:`materialize`). The order is the same.
+
+    >>> nd = NumaNode(0, capacity=4, ring=np.zeros(4, dtype=np.uint32)); nd.push_many(np.arange(10, 14))
+    >>> (nd.run_len, nd.pop(), nd.take(2).tolist()); nd.push(10); nd.run_len, nd.free_pages().tolist()
+    (4, 10, [11, 12])
+    (0, [13, 10])
+    """
 
     id: int
     capacity: int = 0
@@ -99,17 +111,40 @@ class NumaNode:
     poison: list[int] = field(default_factory=list)
     size: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
+    #: Ring slots ``0 .. run_len - 1`` hold ``run_first + slot`` without being written (see above).
+    run_first: int = 0
+    run_len: int = 0
 
     @property
     def nr_free(self) -> int:
         return self.tail - self.head
 
+    def _extends_run(self, first: int, k: int) -> bool:
+        """Whether pushing ``k`` pages from ``first`` (ascending) keeps every push so far one run from slot 0."""
+        if self.run_len != self.tail or self.tail + k > self.capacity:
+            return False
+        if not self.tail:
+            self.run_first = first
+        return first == self.run_first + self.tail
+
+    def materialize(self) -> None:
+        """Write the unwritten run's pages still on the list into their ring slots (nothing else changes)."""
+        if self.run_len:
+            lo = min(self.head, self.run_len)
+            self.ring[lo:self.run_len] = np.arange(self.run_first + lo, self.run_first + self.run_len)
+            self.run_len = 0
+
     def push(self, page: int) -> None:
-        self.ring[self.tail % self.capacity] = page
+        if self._extends_run(page, 1):
+            self.run_len += 1
+        else:
+            self.materialize()
+            self.ring[self.tail % self.capacity] = page
         self.tail += 1
 
     def pop(self) -> int:
-        page = int(self.ring[self.head % self.capacity])
+        h = self.head
+        page = self.run_first + h if h < self.run_len else int(self.ring[h % self.capacity])
         self.head += 1
         return page
 
@@ -117,9 +152,13 @@ class NumaNode:
         """Pop ``k`` pages from the head (the caller checked there are that many): a slice or two."""
         cap = self.capacity
         h = self.head % cap
-        if h + k <= cap:
+        if self.head + k <= self.run_len:
+            out = np.arange(self.run_first + self.head, self.run_first + self.head + k, dtype=np.int64)
+        elif h + k <= cap:
+            self.materialize()
             out = self.ring[h:h + k].astype(np.int64)
         else:
+            self.materialize()
             out = np.concatenate((self.ring[h:], self.ring[:h + k - cap])).astype(np.int64)
         self.head += k
         return out
@@ -127,6 +166,14 @@ class NumaNode:
     def push_many(self, pages: np.ndarray) -> None:
         """Append ``pages`` at the tail, in order: a slice or two."""
         k = len(pages)
+        if not k:
+            return
+        run = as_run(pages)
+        if run is not None and self._extends_run(run[0], k):
+            self.run_len += k
+            self.tail += k
+            return
+        self.materialize()
         cap = self.capacity
         t = self.tail % cap
         if t + k <= cap:
@@ -138,6 +185,8 @@ class NumaNode:
 
     def free_pages(self) -> np.ndarray:
         """The free list in order (head first)."""
+        if self.tail <= self.run_len:
+            return np.arange(self.run_first + self.head, self.run_first + self.tail, dtype=np.int64)
         idx = np.arange(self.head, self.tail) % max(self.capacity, 1)
         return self.ring[idx]
 
@@ -150,7 +199,7 @@ class EpcPool:
         self.nr_pages = sum(s.nr_pages for s in sections)
         self.owners = owners
         self.events = events
-        self.owner = np.zeros(self.nr_pages, dtype=np.uint32)
+        self.owner = lazy_zeros(self.nr_pages, np.uint32)     # written as pages are allocated
         self.flags = np.zeros(self.nr_pages, dtype=np.uint8)
         self.nodes: dict[int, NumaNode] = {}
         for s in sections:
@@ -158,7 +207,7 @@ class EpcPool:
             node.capacity += s.nr_pages
             node.size += s.size
         for node in self.nodes.values():
-            node.ring = np.zeros(node.capacity, dtype=np.uint32)
+            node.ring = lazy_zeros(node.capacity, np.uint32)  # untouched while the boot run is unwritten
         self.numa_mask = sorted(self.nodes)
         # Section lookup by binary search over the sections' first page numbers (no per-page array).
         self._starts = [s.first for s in sections]
@@ -255,7 +304,8 @@ class EpcPool:
             h = node.head
             if h == node.tail:
                 return -1
-            page = node.ring.item(h % node.capacity)       # list_first_entry + list_del_init
+            # list_first_entry + list_del_init (a slot of the unwritten boot run holds run_first + slot)
+            page = node.run_first + h if h < node.run_len else node.ring.item(h % node.capacity)
             node.head = h + 1
             self.flags[page] = 0
             with self._free_count_lock:                    # account_free(-1), inline: once per allocation

@@ -62,6 +62,7 @@ def _ring_remove(node: NumaNode, page: int) -> bool:
     n = node.nr_free
     if not n:
         return False
+    node.materialize()
     pos = (node.head + np.arange(n, dtype=np.int64)) % cap
     hit = np.flatnonzero(node.ring[pos] == page)
     if not len(hit):

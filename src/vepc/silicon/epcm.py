@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from vepc.arch.constants import PageType
+from vepc.arrays import lazy_zeros
 
 __all__ = ["Epcm", "VALID", "PT_SHIFT", "PT_MASK", "R", "W", "X", "PENDING", "MODIFIED", "PR", "BLOCKED",
            "RWX_SHIFT", "EPCM_BYTES_PER_PAGE"]
@@ -42,10 +43,10 @@ class Epcm:
 
     def __init__(self, nr_pages: int) -> None:
         self.nr_pages = nr_pages
-        # np.zeros maps zero pages lazily: a 1 TiB EPC costs memory only as pages are touched.
-        self.flags = np.zeros(nr_pages, dtype=np.uint16)
-        self.secs = np.zeros(nr_pages, dtype=np.uint32)
-        self.offset = np.zeros(nr_pages, dtype=np.uint32)
+        # Zero pages supplied lazily: a 1 TiB EPC costs memory only as entries are written.
+        self.flags = lazy_zeros(nr_pages, np.uint16)
+        self.secs = lazy_zeros(nr_pages, np.uint32)
+        self.offset = lazy_zeros(nr_pages, np.uint32)
 
     @property
     def nbytes(self) -> int:
