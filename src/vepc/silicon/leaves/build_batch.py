@@ -23,6 +23,8 @@ per-page leaves as well.
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 from vepc.arch.constants import PAGE_SIZE, SECINFO_RESERVED_MASK, Leaf, PageType
@@ -39,6 +41,8 @@ _PARALLEL_PAGES = 256
 #: Pages per measurement record buffer (about 2.6 MiB measured): large updates, bounded memory.
 _CHUNK = 512
 _CHUNK_OFFSETS = np.arange(16, dtype=np.uint64) * 256
+#: Record buffers kept for reuse per width (more are in flight only while a batch runs).
+_KEEP_RECORDS = 4
 #: Record buffers not in use, by record width: reused, so a batch pays no page faults on a fresh buffer.
 _FREE_RECORDS: dict[int, list[np.ndarray]] = {64: [], MEASURE_BLOCK_BYTES: []}
 
@@ -88,8 +92,52 @@ def _absorber(rec: np.ndarray, m: int):
         try:
             sha.update(rec[:m])
         finally:
-            _FREE_RECORDS[rec.shape[1]].append(rec)
+            free = _FREE_RECORDS[rec.shape[1]]
+            if len(free) < _KEEP_RECORDS:
+                free.append(rec)
     return absorb
+
+
+class _ChunkRecords:
+    """The records of a batch's chunks, built by whichever thread claims a chunk first: the hashing worker
+    takes them in order from the front, the storing thread (once its copy is done) from the back, until
+    they meet; the worker hashes every chunk in order either way. numpy's copies and hashlib run without
+    the GIL, so the two threads share the work."""
+
+    def __init__(self, pages: np.ndarray, offsets: np.ndarray, secinfo48: np.ndarray, measure: bool) -> None:
+        self.pages, self.offsets, self.secinfo48, self.measure = pages, offsets, secinfo48, measure
+        self.bounds = [(lo, min(len(pages), lo + _CHUNK)) for lo in range(0, len(pages), _CHUNK)]
+        self.claimed = [False] * len(self.bounds)
+        self.built: list[np.ndarray | None] = [None] * len(self.bounds)
+        self.ready = [threading.Event() for _ in self.bounds]
+        self.lock = threading.Lock()
+
+    def _claim(self, j: int) -> bool:
+        with self.lock:
+            if self.claimed[j]:
+                return False
+            self.claimed[j] = True
+            return True
+
+    def _build(self, j: int) -> np.ndarray:
+        lo, hi = self.bounds[j]
+        return _records(self.pages[lo:hi], self.offsets[lo:hi], self.secinfo48, self.measure)
+
+    def hash_all(self, sha) -> None:
+        for j, (lo, hi) in enumerate(self.bounds):
+            if self._claim(j):
+                rec = self._build(j)
+            else:
+                self.ready[j].wait()
+                rec, self.built[j] = self.built[j], None
+            _absorber(rec, hi - lo)(sha)
+
+    def build_from_the_end(self) -> None:
+        for j in reversed(range(len(self.bounds))):
+            if not self._claim(j):
+                return                         # the worker got here: it builds the rest itself
+            self.built[j] = self._build(j)
+            self.ready[j].set()
 
 
 def eadd_batch(lp, secs_idx: int, idx: np.ndarray, offsets: np.ndarray, secinfo_flags: int, src,
@@ -146,16 +194,13 @@ def eadd_batch(lp, secs_idx: int, idx: np.ndarray, offsets: np.ndarray, secinfo_
         secinfo48 = np.frombuffer(Secinfo(secinfo_flags).pack()[:48], dtype=np.uint8)
         store = proc.memory.epc
         if wait and n >= _PARALLEL_PAGES:
-            # The caller waits for the batch: a worker builds and hashes the records chunk by chunk while
+            # The caller waits for the batch: a worker hashes the records chunk by chunk, in order, while
             # this thread stores the contents, what EADD copies from SRCPGE (the source stays unchanged
-            # meanwhile: the caller is in here). numpy's copies and hashlib run without the GIL.
-            def measure_all(sha) -> None:
-                for lo in range(0, n, _CHUNK):
-                    hi = min(n, lo + _CHUNK)
-                    _absorber(_records(pages[lo:hi], offsets[lo:hi], secinfo48, measure), hi - lo)(sha)
-
-            st.measurement.absorb(measure_all, background=True)
+            # meanwhile: the caller is in here), then helps build records from the last chunk down.
+            chunks = _ChunkRecords(pages, offsets, secinfo48, measure)
+            st.measurement.absorb(chunks.hash_all, background=True)
             store.store_at(idx, pages)
+            chunks.build_from_the_end()
             st.measurement.wait()
         else:
             # The caller goes on while the batch is hashed (wait=False; its Python would hold the GIL that a
