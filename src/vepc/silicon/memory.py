@@ -369,8 +369,10 @@ class PhysicalMemory:
         if out is None:
             return b"".join(pages)
         view = memoryview(out)
-        for i, page in enumerate(pages):
-            view[i << PAGE_SHIFT:(i + 1) << PAGE_SHIFT] = page
+        o = 0
+        for page in pages:
+            view[o:o + PAGE_SIZE] = page
+            o += PAGE_SIZE
         return out
 
     def write(self, addr: PhysAddr, data: bytes) -> None:
