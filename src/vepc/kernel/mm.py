@@ -458,10 +458,12 @@ class Process:
             # does not unmap the VMA without killing the task or signalling it, which ends the touch.
             ptes = vma.ptes
             stop = page + (n << PAGE_SHIFT)
+            fault_in = self._fault_in
             for p in range(page, stop, PAGE_SIZE):
                 if (p >> PAGE_SHIFT) not in ptes:
-                    self._check_alive()
-                    if self._fault_in(vma, p, write) & VM_FAULT_SIGBUS or not self.alive:
+                    if not self.alive:
+                        self._check_alive()
+                    if fault_in(vma, p, write) & VM_FAULT_SIGBUS or not self.alive:
                         return False
             page = stop
         return True
