@@ -328,6 +328,17 @@ class Process:
             return VM_FAULT_NOPAGE
         return self._fault_in(vma, addr, write, allow_retry)
 
+    def _in_task(self, handler, vmf: VmFault) -> int:
+        """``handler(vmf)`` in this task's context (``current``): what ``with kernel.running(self)`` does,
+        without the context manager's three calls (this runs on every page fault)."""
+        local = self.kernel._current
+        prev = getattr(local, "task", None)
+        local.task = self
+        try:
+            return handler(vmf)
+        finally:
+            local.task = prev
+
     def _fault_in(self, vma: Vma, addr: int, write: bool, allow_retry: bool = True) -> int:
         """:meth:`fault` from the point where ``addr`` is known to lie in ``vma`` (allowing the access)
         with no PTE: the VMA's fault handler, retries, the signal."""
@@ -338,8 +349,7 @@ class Process:
         flags = FAULT_FLAG_USER | (FAULT_FLAG_WRITE if write else 0) | (FAULT_FLAG_ALLOW_RETRY if allow_retry else 0)
         handler = vma.vm_ops.fault
         for _ in range(MAX_FAULT_RETRIES):
-            with self.kernel.running(self):      # the fault runs in this task's context (current)
-                ret = handler(VmFault(vma, addr, flags))
+            ret = self._in_task(handler, VmFault(vma, addr, flags))
             if ret & VM_FAULT_RETRY:
                 # mm/memory.c: the fault is retried with FAULT_FLAG_TRIED; meanwhile kthreads run.
                 flags |= FAULT_FLAG_TRIED
@@ -420,8 +430,7 @@ class Process:
         flags = (FAULT_FLAG_WRITE if write else 0) | FAULT_FLAG_ALLOW_RETRY
         fault = vma.vm_ops.fault
         for _ in range(MAX_FAULT_RETRIES):
-            with self.kernel.running(self):      # the fault runs in this task's context (current)
-                ret = fault(VmFault(vma, addr, flags))
+            ret = self._in_task(fault, VmFault(vma, addr, flags))
             if ret & VM_FAULT_RETRY:
                 flags |= FAULT_FLAG_TRIED
                 self.kernel.schedule()
