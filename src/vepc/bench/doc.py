@@ -27,7 +27,7 @@ from datetime import date
 from importlib import resources
 from pathlib import Path
 
-from vepc.bench.figures import Figure
+from vepc.bench.figures import FULL, QUICK, Figure
 
 __all__ = ["render_markdown", "load_run", "run_facts"]
 
@@ -47,7 +47,7 @@ def run_facts(quick: bool, repeats: int | None) -> dict:
                                 cwd=Path(__file__).resolve().parent, timeout=10).stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         commit = "unknown"
-    return {"mode": "quick" if quick else "full", "repeats": repeats or (3 if quick else 5),
+    return {"mode": "quick" if quick else "full", "repeats": repeats or (QUICK if quick else FULL).repeats,
             "cores": os.cpu_count(), "memory_gib": round(mem, 1), "python": platform.python_version(),
             "date": date.today().isoformat(), "commit": commit}
 
