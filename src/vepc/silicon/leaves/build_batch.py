@@ -85,24 +85,18 @@ def _records(pages: np.ndarray, offsets: np.ndarray, secinfo48: np.ndarray, meas
     return rec
 
 
-def _absorber(rec: np.ndarray, m: int):
-    """The measurement step for ``m`` rows of ``rec``: one SHA-256 update (hashlib runs it without the
-    GIL), then the buffer goes back for reuse."""
-    def absorb(sha) -> None:
-        try:
-            sha.update(rec[:m])
-        finally:
-            free = _FREE_RECORDS[rec.shape[1]]
-            if len(free) < _KEEP_RECORDS:
-                free.append(rec)
-    return absorb
+def _recycle(rec: np.ndarray) -> None:
+    """A record buffer hashed: back for reuse (up to :data:`_KEEP_RECORDS` per width)."""
+    free = _FREE_RECORDS[rec.shape[1]]
+    if len(free) < _KEEP_RECORDS:
+        free.append(rec)
 
 
 class _ChunkRecords:
-    """The records of a batch's chunks, built by whichever thread claims a chunk first: the hashing worker
-    takes them in order from the front, the storing thread (once its copy is done) from the back, until
-    they meet; the worker hashes every chunk in order either way. numpy's copies and hashlib run without
-    the GIL, so the two threads share the work."""
+    """The records of a batch's chunks, each built by whichever thread claims it first: the hashing worker,
+    going through the chunks in order, and the storing thread, which builds a chunk's records before it
+    stores the chunk's contents; the worker hashes every chunk in order either way. numpy's copies,
+    the page faults of the stores and hashlib run without the GIL, so the two threads share the work."""
 
     def __init__(self, pages: np.ndarray, offsets: np.ndarray, secinfo48: np.ndarray, measure: bool) -> None:
         self.pages, self.offsets, self.secinfo48, self.measure = pages, offsets, secinfo48, measure
@@ -127,17 +121,25 @@ class _ChunkRecords:
         for j, (lo, hi) in enumerate(self.bounds):
             if self._claim(j):
                 rec = self._build(j)
+                self.ready[j].set()
             else:
                 self.ready[j].wait()
                 rec, self.built[j] = self.built[j], None
-            _absorber(rec, hi - lo)(sha)
+            try:
+                sha.update(rec[:hi - lo])          # one update per chunk; hashlib runs it without the GIL
+            finally:
+                _recycle(rec)
 
-    def build_from_the_end(self) -> None:
-        for j in reversed(range(len(self.bounds))):
-            if not self._claim(j):
-                return                         # the worker got here: it builds the rest itself
-            self.built[j] = self._build(j)
-            self.ready[j].set()
+    def build_and_store(self, store) -> None:
+        """Chunk by chunk: build its records unless the worker claimed them first, then ``store(lo, hi)``
+        its contents; returns once every chunk's records are built (the source is not read after)."""
+        for j, (lo, hi) in enumerate(self.bounds):
+            if self._claim(j):
+                self.built[j] = self._build(j)
+                self.ready[j].set()
+            store(lo, hi)
+        for ready in self.ready:
+            ready.wait()
 
 
 def eadd_batch(lp, secs_idx: int, idx: np.ndarray, offsets: np.ndarray, secinfo_flags: int, src,
@@ -193,27 +195,22 @@ def eadd_batch(lp, secs_idx: int, idx: np.ndarray, offsets: np.ndarray, secinfo_
         pages = src[:n * PAGE_SIZE].reshape(n, PAGE_SIZE)
         secinfo48 = np.frombuffer(Secinfo(secinfo_flags).pack()[:48], dtype=np.uint8)
         store = proc.memory.epc
+        # The records are hashed chunk by chunk, in order; each chunk's records are built by whichever of
+        # the hashing thread and this one claims the chunk first, and this thread stores each chunk's
+        # contents, what EADD copies from SRCPGE, after its records. The source is read only until every
+        # chunk's records exist, which this call waits for.
+        chunks = _ChunkRecords(pages, offsets, secinfo48, measure)
+        store_chunk = lambda lo, hi: store.store_at(idx[lo:hi], pages[lo:hi])    # noqa: E731
         if wait and n >= _PARALLEL_PAGES:
-            # The caller waits for the batch: a worker hashes the records chunk by chunk, in order, while
-            # this thread stores the contents, what EADD copies from SRCPGE (the source stays unchanged
-            # meanwhile: the caller is in here), then helps build records from the last chunk down.
-            chunks = _ChunkRecords(pages, offsets, secinfo48, measure)
+            # The caller waits: a worker hashes (building what it gets to first) beside the stores.
             st.measurement.absorb(chunks.hash_all, background=True)
-            store.store_at(idx, pages)
-            chunks.build_from_the_end()
+            chunks.build_and_store(store_chunk)
             st.measurement.wait()
         else:
-            # The caller goes on while the batch is hashed (wait=False; its Python would hold the GIL that a
-            # worker building records needs between numpy calls): the records are built here, chunk by
-            # chunk, each hashed on a worker (the next chunk's absorb waits for it, so the hash input keeps
-            # its order) while this thread stores the chunk's contents and builds the next.
-            for lo in range(0, n, _CHUNK):
-                hi = min(n, lo + _CHUNK)
-                st.measurement.absorb(_absorber(_records(pages[lo:hi], offsets[lo:hi], secinfo48, measure),
-                                                hi - lo), background=not wait)
-                store.store_at(idx[lo:hi], pages[lo:hi])
-            if wait:
-                st.measurement.wait()
+            # Every record built here first, while an earlier batch may still be hashing (absorb waits for
+            # it), then hashed: on a worker that outlives this call when the caller goes on (wait=False).
+            chunks.build_and_store(store_chunk)
+            st.measurement.absorb(chunks.hash_all, background=not wait)
         # EPCM: valid PT_REG with the SECINFO's RWX, the SECS, ENCLAVEADDRESS as a page offset.
         epcm.flags[idx] = VALID | (int(PageType.REG) << PT_SHIFT) | ((secinfo_flags & 0x7) << RWX_SHIFT)
         epcm.secs[idx] = secs_idx
