@@ -158,7 +158,7 @@ class Kernel:
 
     def current_node(self) -> int:
         """``numa_node_id()`` of the CPU running the current task."""
-        cur = self.current
+        cur = getattr(self._current, "task", None)          # self.current, without the property (per fault)
         return cur.node if cur is not None else self.cpu.node
 
     def schedule(self) -> None:
