@@ -136,7 +136,7 @@ class Sizes:
     timeout: float
 
 
-FULL = Sizes(repeats=5, touch_pages=1 << 15, prealloc=64 << 30, enclave=64 << 20, ewb=64 << 20,
+FULL = Sizes(repeats=7, touch_pages=1 << 15, prealloc=64 << 30, enclave=64 << 20, ewb=64 << 20,
              ioctl_enclave=4 << 20, prealloc_per_page=256 << 20, memory_epc=("1G", "16G"),
              scale_epc=("1G", "64G", "512G"), scale_pages=1 << 14, scale_vms=64,
              scale_vm_epc=32 << 20, boot_big="512G", boot_big_time=10.0, boot_big_rss=4 << 30, vms=64,
