@@ -28,6 +28,7 @@ from __future__ import annotations
 import bisect
 import errno
 import threading
+from itertools import repeat
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -552,7 +553,7 @@ class EpcPool:
             return
         with self.reclaimer_lock:
             self.flags[pages] |= PAGE_RECLAIMER_TRACKED
-            self.active.update(dict.fromkeys(pages))
+            self.active.update(zip(pages, repeat(None)))
 
     def unmark_reclaimable(self, page: int) -> int:
         """``sgx_unmark_page_reclaimable``: -EBUSY while the reclaimer holds the page, else 0."""
