@@ -42,8 +42,8 @@ def test_store_run_equals_page_by_page_stores(n, first, before, popped, seed):
                               st.lists(st.integers(0, 31), min_size=1, max_size=6, unique=True)), max_size=40))
 def test_a_reused_slot_never_shows_an_earlier_pages_bytes(ops):
     """Freed slots keep their bytes until taken again (pop and clear_many do not zero them); ``page`` and
-    ``make_present`` zero what they take, ``store_run`` and ``make_present(zero=False)`` overwrite it. Every
-    page reads as a model dict of page -> bytes says, however slots were reused."""
+    ``spans(claim=True)`` zero what they take, ``store_run`` and ``spans(claim=True, zero=False)`` are
+    written over. Every page reads as a model dict of page -> bytes says, however slots were reused."""
     saved, EpcStore.CHUNK = EpcStore.CHUNK, 8
     try:
         store, model = EpcStore(32), {}
@@ -65,13 +65,14 @@ def test_a_reused_slot_never_shows_an_earlier_pages_bytes(ops):
                 for p in pages:
                     model.pop(p, None)
             elif op == "present":
-                store.make_present(np.array(pages))
+                store.spans(np.array(pages), claim=True)
                 for p in pages:
                     model.setdefault(p, bytes(4096))
             else:                                               # taken without zeroing: written over at once
                 new = [p for p in pages if p not in model]
-                for p, view in zip(new, store.make_present(np.array(new, dtype=np.int64), zero=False)):
-                    view[:] = fill
+                chunks, chunk_of, off_of = store.spans(np.array(new, dtype=np.int64), claim=True, zero=False)
+                for p, c, o in zip(new, chunk_of, off_of):
+                    chunks[c][o:o + 4096] = fill
                     model[p] = fill
             assert {i: bytes(v) for i, v in store.items()} == model
     finally:

@@ -184,34 +184,19 @@ class EpcStore:
             else:
                 rows[o] = src
 
-    def views(self, indices: np.ndarray) -> list:
-        """``get`` of every page of ``indices``: its writable view, or None without contents."""
-        if self._slot is None:
-            return [None] * len(indices)
-        slots = self._slot[np.asarray(indices, dtype=np.int64)].astype(np.int64) - 1
-        if (slots >= 0).all():
-            return self._views_of(slots)
-        view_of = self._view_of
-        return [view_of(s) if s >= 0 else None for s in slots.tolist()]
-
     def present(self, indices: np.ndarray) -> np.ndarray:
         """``index in self`` of every page of ``indices`` (a bool array)."""
         if self._slot is None:
             return np.zeros(len(indices), dtype=bool)
         return self._slot[np.asarray(indices, dtype=np.int64)] != 0
 
-    def make_present(self, indices: np.ndarray, zero: bool = True) -> list:
-        """``page`` of every page of ``indices`` (distinct): views of their slots, a page without contents
-        taking a zeroed slot -- free slots in ``pop`` order, then fresh consecutive ones, as ``store_run``
-        assigns them, in one pass instead of one ``page`` call each. ``zero=False``: the caller overwrites
-        every page taken (or gives it back with ``pop``), so its old bytes are not cleared first."""
-        return self._views_of(self._claim(np.asarray(indices, dtype=np.int64), zero))
-
     def spans(self, indices: np.ndarray, claim: bool = False, zero: bool = True) -> tuple[list, list[int], list[int]]:
         """Where the contents of pages ``indices`` live, for loops that slice them one page at a time
         instead of holding a view object per page: ``(chunks, chunk_of, offset_of)``, page ``i`` being
         ``chunks[chunk_of[i]][offset_of[i]:offset_of[i] + 4096]``; ``chunk_of[i]`` is -1 for a page
-        without contents. ``claim``: pages without contents take slots first, as :meth:`make_present`.
+        without contents. ``claim``: pages without contents take slots first (free slots in ``pop`` order, then
+        fresh ones, as :meth:`store_run` assigns them), zeroed unless ``zero`` is false (the caller then
+        overwrites every page taken, or gives it back with ``pop``).
 
         >>> st = EpcStore(8); st[3] = b"\\x05" * 4096
         >>> chunks, c, o = st.spans(np.array([3, 4])); (c[1], bytes(chunks[c[0]][o[0]:o[0] + 2]))
@@ -227,12 +212,6 @@ class EpcStore:
         chunk, off = np.divmod(slots, self.CHUNK)
         chunk[slots < 0] = -1
         return self._views, chunk.tolist(), (off * PAGE_SIZE).tolist()
-
-    def _views_of(self, slots: np.ndarray) -> list:
-        """``_view_of`` of every slot (no call per page)."""
-        chunk, off = np.divmod(slots, self.CHUNK)
-        views = self._views
-        return [views[c][o:o + PAGE_SIZE] for c, o in zip(chunk.tolist(), (off * PAGE_SIZE).tolist())]
 
     def _claim(self, indices: np.ndarray, zero: bool) -> np.ndarray:
         """The slots of pages ``indices`` (distinct), a page without contents taking one (``_take``)."""
