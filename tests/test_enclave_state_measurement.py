@@ -46,3 +46,43 @@ def test_an_error_of_the_background_update_surfaces_at_the_next_use():
     with pytest.raises(ValueError, match="bad record"):
         m.digest()
     assert m.digest() == hashlib.sha256().digest()             # raised once, the hash untouched
+
+
+def test_a_failing_record_build_in_the_eadd_batch_raises_instead_of_hanging(monkeypatch):
+    """The worker and the storing thread wait on each other's chunks; a failure on either side releases
+    the other and surfaces from the batch."""
+    import numpy as np
+
+    from vepc.arch.constants import PageType
+    from vepc.arch.structs import Secs
+    from vepc.baremetal import BareMetal
+    from vepc.silicon import EpcSection, Processor, ProcessorConfig
+    from vepc.silicon.leaves import build_batch
+    from vepc.types import PhysAddr
+
+    bm = BareMetal(Processor(ProcessorConfig(sections=(EpcSection(PhysAddr(0x80000000), 4 << 20),))))
+    assert bm.ecreate(Secs(size=1 << 22, base=1 << 22, ssa_frame_size=1, attributes=4, xfrm=3), bm.epc(0)) == 0
+    monkeypatch.setattr(build_batch, "_CHUNK", 4)
+    real = build_batch._records
+
+    def records(pages, offsets, *a):
+        if int(offsets[0]) == 296 * 4096:               # the last chunk, whichever thread builds it
+            raise ValueError("record build failed")
+        return real(pages, offsets, *a)
+
+    monkeypatch.setattr(build_batch, "_records", records)
+    n = 300                                              # >= _PARALLEL_PAGES: the worker path
+    raised: list[BaseException] = []
+
+    def batch() -> None:
+        try:
+            build_batch.eadd_batch(bm.cpu.lp(0), 0, np.arange(1, n + 1), np.arange(n) * 4096,
+                                   (PageType.REG << 8) | 3, bytes(n * 4096))
+        except BaseException as e:
+            raised.append(e)
+
+    t = threading.Thread(target=batch, daemon=True)
+    t.start()
+    t.join(20)
+    assert not t.is_alive(), "the batch hangs"
+    assert raised and isinstance(raised[0], ValueError) and "record build failed" in str(raised[0])

@@ -117,27 +117,41 @@ class _ChunkRecords:
         lo, hi = self.bounds[j]
         return _records(self.pages[lo:hi], self.offsets[lo:hi], self.secinfo48, self.measure)
 
+    def _release_all(self) -> None:
+        """After a failure on either side: nobody waits for a chunk any more (the error surfaces where
+        it was raised, or at the measurement's next use)."""
+        for ready in self.ready:
+            ready.set()
+
     def hash_all(self, sha) -> None:
-        for j, (lo, hi) in enumerate(self.bounds):
-            if self._claim(j):
-                rec = self._build(j)
-                self.ready[j].set()
-            else:
-                self.ready[j].wait()
-                rec, self.built[j] = self.built[j], None
-            try:
-                sha.update(rec[:hi - lo])          # one update per chunk; hashlib runs it without the GIL
-            finally:
-                _recycle(rec)
+        try:
+            for j, (lo, hi) in enumerate(self.bounds):
+                if self._claim(j):
+                    rec = self._build(j)
+                    self.ready[j].set()
+                else:
+                    self.ready[j].wait()
+                    rec, self.built[j] = self.built[j], None
+                try:
+                    sha.update(rec[:hi - lo])      # one update per chunk; hashlib runs it without the GIL
+                finally:
+                    _recycle(rec)
+        except BaseException:
+            self._release_all()
+            raise
 
     def build_and_store(self, store) -> None:
         """Chunk by chunk: build its records unless the worker claimed them first, then ``store(lo, hi)``
         its contents; returns once every chunk's records are built (the source is not read after)."""
-        for j, (lo, hi) in enumerate(self.bounds):
-            if self._claim(j):
-                self.built[j] = self._build(j)
-                self.ready[j].set()
-            store(lo, hi)
+        try:
+            for j, (lo, hi) in enumerate(self.bounds):
+                if self._claim(j):
+                    self.built[j] = self._build(j)
+                    self.ready[j].set()
+                store(lo, hi)
+        except BaseException:
+            self._release_all()
+            raise
         for ready in self.ready:
             ready.wait()
 
