@@ -28,9 +28,9 @@ from __future__ import annotations
 import bisect
 import errno
 import threading
-from itertools import repeat
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from itertools import repeat
 
 import numpy as np
 

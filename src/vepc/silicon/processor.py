@@ -16,7 +16,8 @@ from typing import Callable
 import numpy as np
 
 from vepc.arch.constants import (
-    CPUID_1_ECX_VMX, CPUID_7_EBX_SGX, CPUID_7_ECX_SGX_LC, EPC_SECTION_TYPE, PAGE_SHIFT, PAGE_SIZE, SGX_MISC_EXINFO, Cpuid12Eax, FeatureControl, Leaf,
+    CPUID_1_ECX_VMX, CPUID_7_EBX_SGX, CPUID_7_ECX_SGX_LC, EPC_SECTION_TYPE, PAGE_SHIFT, PAGE_SIZE, SGX_MISC_EXINFO,
+    Cpuid12Eax, FeatureControl, Leaf,
 )
 from vepc.events import EventKind, EventLog
 from vepc.silicon.enclave_state import SecsState
