@@ -1,4 +1,4 @@
-"""EpcStore (silicon/memory.py): store_run, the batch store EADD uses, equals storing page by page."""
+"""EpcStore (silicon/memory.py): store_at, the batch store EADD uses, equals storing page by page."""
 
 from __future__ import annotations
 
@@ -12,9 +12,10 @@ from vepc.silicon.memory import EpcStore
 @settings(max_examples=60, deadline=None)
 @given(n=st.integers(1, 40), first=st.integers(0, 20), before=st.lists(st.integers(0, 63), max_size=30),
        popped=st.lists(st.integers(0, 63), max_size=30), seed=st.integers(0, 1 << 16))
-def test_store_run_equals_page_by_page_stores(n, first, before, popped, seed):
-    """Pages that have contents, pages taking freed slots and pages taking fresh slots: every page reads
-    back what was stored, the other pages are untouched, and the page count is the same."""
+def test_store_at_equals_page_by_page_stores(n, first, before, popped, seed):
+    """Pages that have contents, pages taking freed slots and pages taking fresh slots, as a run or in any
+    order: every page reads back what was stored, the other pages are untouched, and the page count and
+    slots taken are the same."""
     saved, EpcStore.CHUNK = EpcStore.CHUNK, 8                   # several chunks with few pages
     try:
         rng = np.random.default_rng(seed)
@@ -25,10 +26,12 @@ def test_store_run_equals_page_by_page_stores(n, first, before, popped, seed):
             for i in popped:
                 s.pop(i)
         pages = rng.integers(0, 256, size=(n, 4096), dtype=np.uint8)
-        a.store_run(first, pages)
-        for i in range(n):
-            b[first + i] = pages[i]
+        indices = np.arange(first, first + n) if seed % 2 else rng.choice(64, size=n, replace=False)
+        a.store_at(indices, pages)
+        for i, ix in enumerate(indices.tolist()):
+            b[ix] = pages[i]
         assert len(a) == len(b)
+        assert np.array_equal(a._slot, b._slot)                   # the same slots, taken in the same order
         for i in range(64):
             assert (i in a) == (i in b)
             if i in a:
@@ -42,7 +45,7 @@ def test_store_run_equals_page_by_page_stores(n, first, before, popped, seed):
                               st.lists(st.integers(0, 31), min_size=1, max_size=6, unique=True)), max_size=40))
 def test_a_reused_slot_never_shows_an_earlier_pages_bytes(ops):
     """Freed slots keep their bytes until taken again (pop and clear_many do not zero them); ``page`` and
-    ``spans(claim=True)`` zero what they take, ``store_run`` and ``spans(claim=True, zero=False)`` are
+    ``spans(claim=True)`` zero what they take, ``store_at`` and ``spans(claim=True, zero=False)`` are
     written over. Every page reads as a model dict of page -> bytes says, however slots were reused."""
     saved, EpcStore.CHUNK = EpcStore.CHUNK, 8
     try:

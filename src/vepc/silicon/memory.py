@@ -52,7 +52,7 @@ class EpcStore:
     another was written back reuses memory already faulted in. A freed slot keeps its old bytes until it
     is taken again: whoever takes it zeroes it or overwrites all of it (a page never shows another
     page's contents). ``get`` returns a writable
-    ``memoryview``; ``pop`` a copy. :meth:`store_run` copies many new pages into consecutive slots at once.
+    ``memoryview``; ``pop`` a copy. :meth:`store_at` copies many pages at once.
 
     >>> st = EpcStore(4); st[2] = b"\\x07" * 4096; (2 in st, 3 in st, bytes(st.get(2)[:2]), len(st))
     (True, False, b'\\x07\\x07', 1)
@@ -150,10 +150,6 @@ class EpcStore:
         self._count -= 1
         return out
 
-    def store_run(self, first: int, pages: np.ndarray) -> None:
-        """Pages ``first .. first + len(pages) - 1`` get the rows of ``pages`` (n x 4096 uint8): :meth:`store_at`."""
-        self.store_at(np.arange(first, first + len(pages), dtype=np.int64), pages)
-
     def store_at(self, indices: np.ndarray, pages: np.ndarray) -> None:
         """Page ``indices[i]`` (distinct) gets row ``i`` of ``pages`` (n x 4096 uint8), as ``self[i] = row``
         of each in order would: pages without a slot take free slots (in ``pop`` order), then fresh
@@ -195,7 +191,7 @@ class EpcStore:
         instead of holding a view object per page: ``(chunks, chunk_of, offset_of)``, page ``i`` being
         ``chunks[chunk_of[i]][offset_of[i]:offset_of[i] + 4096]``; ``chunk_of[i]`` is -1 for a page
         without contents. ``claim``: pages without contents take slots first (free slots in ``pop`` order, then
-        fresh ones, as :meth:`store_run` assigns them), zeroed unless ``zero`` is false (the caller then
+        fresh ones, as :meth:`store_at` assigns them), zeroed unless ``zero`` is false (the caller then
         overwrites every page taken, or gives it back with ``pop``).
 
         >>> st = EpcStore(8); st[3] = b"\\x05" * 4096
@@ -225,17 +221,6 @@ class EpcStore:
             self._slot[indices[need]] = (new + 1).astype(np.uint32)
             self._count += len(need)
         return slots
-
-    def store_many(self, indices: np.ndarray, pages: list) -> None:
-        """Page ``indices[i]`` gets ``pages[i]`` (4096 bytes each); a run of new consecutive pages is one copy."""
-        n = len(pages)
-        if not n:
-            return
-        if n > 1 and len(self._free) < n and is_run(indices):
-            self.store_run(int(indices[0]), np.frombuffer(b"".join(pages), dtype=np.uint8).reshape(n, PAGE_SIZE))
-        else:
-            for ix, page in zip(np.asarray(indices).tolist(), pages):
-                self[ix] = page
 
     def clear_many(self, indices: np.ndarray) -> None:
         """``pop`` of every page of ``indices`` (distinct), without the copies: the slots are freed in
@@ -329,10 +314,10 @@ class PhysicalMemory:
             size -= n
         return bytes(out)
 
-    def read_pages(self, addrs: list[int], out: bytearray | None = None):
-        """The 4 KiB pages at the page-aligned ``addrs``, in order, as one buffer: what :meth:`read` of each
-        page joined gives; written into ``out`` (at least ``len(addrs)`` pages, reused by the caller: no
-        page faults on a fresh buffer) when given, and returned.
+    def read_pages(self, addrs: list[int], out: bytearray) -> bytearray:
+        """The 4 KiB pages at the page-aligned ``addrs``, in order, written into ``out`` (at least
+        ``len(addrs)`` pages, reused by the caller: no page faults on a fresh buffer) and returned: what
+        :meth:`read` of each page joined gives.
 
         >>> mem = PhysicalMemory(EpcLayout((EpcSection(PhysAddr(0x80000000), 0x1000),)))
         >>> mem.write(PhysAddr(0x2000), b"ab")
@@ -345,8 +330,6 @@ class PhysicalMemory:
         else:
             ram = self.ram
             pages = [ram.get(a >> PAGE_SHIFT, ZERO_PAGE) for a in addrs]
-        if out is None:
-            return b"".join(pages)
         view = memoryview(out)
         o = 0
         for page in pages:
