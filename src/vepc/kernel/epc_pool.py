@@ -355,16 +355,6 @@ class EpcPool:
         the page remembers its cgroup, and a failed allocation uncharges it."""
         oid = getattr(owner, "owner_id", 0) if owner is not None else 0
         cgs = self.cgroups
-        if cgs is None and node in self.nodes:
-            # The common case first: no EPC cgroup and a page on the local node (what the loop below
-            # does on its first iteration).
-            page = self._alloc_from_node(node)
-            if page >= 0:
-                self.owner[page] = oid
-                self.events.emit(EventKind.EPC_ALLOC, oid, page)
-                if self.nr_free < SGX_NR_LOW_PAGES and self.active:     # sgx_should_reclaim(SGX_NR_LOW_PAGES)
-                    self.wake_ksgxd()
-                return page
         if cgs is not None:
             sg = cgs.current()
             ret = cgs.try_charge(sg, reclaim)
