@@ -72,3 +72,17 @@ def test_a_timeline_of_a_bare_machine():
     tl = build_timeline(Recorder(m))
     assert tl.final["free"] == 512 and tl.final["unsanitized"] == 0
     assert tl.pages["unsanitized"][0] == 512                     # before the boot-time sanitisation
+
+
+def test_a_guests_batched_events_are_noted_as_that_guests_like_single_ones():
+    """recorder._GuestEvents: rows a guest kernel appends with emit_many carry the guest's name, as rows
+    from emit do (a batch path in a guest must not make its events look like the host's)."""
+    from vepc.events import EventKind, EventLog
+    from vepc.observe.recorder import _GuestEvents
+
+    log, sources = EventLog(), {}
+    log.emit(EventKind.EPC_ALLOC, 1, 0)                          # a host row
+    guest = _GuestEvents(log, "vm0", sources)
+    guest.emit(EventKind.EPC_ALLOC, 2, 5)
+    guest.emit_many(EventKind.ENCL_ADD, 2, [6, 7], range(0, 8192, 4096))
+    assert len(log) == 4 and sources == {1: "vm0", 2: "vm0", 3: "vm0"}

@@ -36,7 +36,8 @@ __all__ = ["eadd_batch", "eextend_page", "MEASURE_BLOCK_BYTES"]
 
 #: Bytes SHA-256 absorbs per measured page: the EADD block and 16 x (EEXTEND block + 256 bytes).
 MEASURE_BLOCK_BYTES = 64 + 16 * (64 + 256)
-#: From this many pages a chunk's hashing runs beside the kernel's other work (a thread costs ~50 us).
+#: From this many pages a batch the caller waits for is hashed on a worker beside the stores (a thread
+#: costs ~50 us).
 _PARALLEL_PAGES = 256
 #: Pages per measurement record buffer (about 2.6 MiB measured): large updates, bounded memory.
 _CHUNK = 512
@@ -214,7 +215,10 @@ def eadd_batch(lp, secs_idx: int, idx: np.ndarray, offsets: np.ndarray, secinfo_
         # contents, what EADD copies from SRCPGE, after its records. The source is read only until every
         # chunk's records exist, which this call waits for.
         chunks = _ChunkRecords(pages, offsets, secinfo48, measure)
-        store_chunk = lambda lo, hi: store.store_at(idx[lo:hi], pages[lo:hi])    # noqa: E731
+
+        def store_chunk(lo: int, hi: int) -> None:
+            store.store_at(idx[lo:hi], pages[lo:hi])
+
         if wait and n >= _PARALLEL_PAGES:
             # The caller waits: a worker hashes (building what it gets to first) beside the stores.
             st.measurement.absorb(chunks.hash_all, background=True)
