@@ -44,7 +44,12 @@ class PageArray:
 
     def reserve(self, size: int) -> None:
         """Room for indices below ``size`` now (zeroed lazily by the OS), so that a batch filling them in
-        order does not copy the array at every doubling."""
+        order does not copy the array at every doubling.
+
+        >>> pa = PageArray(); pa.reserve(1000); a = pa._a; pa.store_many(range(0, 999), np.arange(999))
+        >>> pa._a is a, len(pa), pa.load(998)
+        (True, 999, 998)
+        """
         if size > len(self._a):
             self._grow(size - 1)
 
