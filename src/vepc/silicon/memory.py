@@ -189,14 +189,14 @@ class EpcStore:
     def spans(self, indices: np.ndarray, claim: bool = False, zero: bool = True) -> tuple[list, list[int], list[int]]:
         """Where the contents of pages ``indices`` live, for loops that slice them one page at a time
         instead of holding a view object per page: ``(chunks, chunk_of, offset_of)``, page ``i`` being
-        ``chunks[chunk_of[i]][offset_of[i]:offset_of[i] + 4096]``; ``chunk_of[i]`` is -1 for a page
-        without contents. ``claim``: pages without contents take slots first (free slots in ``pop`` order, then
+        ``chunks[chunk_of[i]][offset_of[i]:offset_of[i] + 4096]``; ``chunk_of[i]`` is -1 (and ``offset_of[i]``
+        0) for a page without contents. ``claim``: pages without contents take slots first (free slots in ``pop`` order, then
         fresh ones, as :meth:`store_at` assigns them), zeroed unless ``zero`` is false (the caller then
         overwrites every page taken, or gives it back with ``pop``).
 
         >>> st = EpcStore(8); st[3] = b"\\x05" * 4096
-        >>> chunks, c, o = st.spans(np.array([3, 4])); (c[1], bytes(chunks[c[0]][o[0]:o[0] + 2]))
-        (-1, b'\\x05\\x05')
+        >>> chunks, c, o = st.spans(np.array([3, 4])); (c[1], o[1], bytes(chunks[c[0]][o[0]:o[0] + 2]))
+        (-1, 0, b'\\x05\\x05')
         """
         indices = np.asarray(indices, dtype=np.int64)
         if claim:
@@ -206,7 +206,9 @@ class EpcStore:
         else:
             slots = self._slot[indices].astype(np.int64) - 1
         chunk, off = np.divmod(slots, self.CHUNK)
-        chunk[slots < 0] = -1
+        missing = slots < 0
+        chunk[missing] = -1
+        off[missing] = 0
         return self._views, chunk.tolist(), (off * PAGE_SIZE).tolist()
 
     def _claim(self, indices: np.ndarray, zero: bool) -> np.ndarray:

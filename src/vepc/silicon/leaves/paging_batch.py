@@ -14,6 +14,10 @@ with an error code (not blocked, not tracked, occupied slot, MAC mismatch...), l
 
 from __future__ import annotations
 
+from collections import deque
+from itertools import repeat
+from operator import getitem
+
 import numpy as np
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -68,9 +72,31 @@ def _slot_key(va_idx: np.ndarray, va_off: np.ndarray) -> np.ndarray:
 def _va_words(store, va_idx: np.ndarray, create: bool):
     """``(rows, words)`` per distinct VA page of ``va_idx``: the positions ``rows`` using it and its
     contents as 512 little-endian words (None when the page holds no contents and ``create`` is false)."""
-    for vi in np.unique(va_idx).tolist():
+    distinct, _, rows = _groups(va_idx)
+    for vi, r in zip(distinct.tolist(), rows):
         view = store.page(vi) if create else store.get(vi)
-        yield np.flatnonzero(va_idx == vi), (np.frombuffer(view, dtype="<u8") if view is not None else None)
+        yield r, (np.frombuffer(view, dtype="<u8") if view is not None else None)
+
+
+def _groups(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    """``(distinct, inverse, rows)``: the distinct values ascending and each position's index into them
+    (``np.unique(values, return_inverse=True)``), and per distinct value the positions holding it,
+    ascending. Input already in order (consecutive pages, VA slots in turn: the usual case) is not sorted.
+
+    >>> d, inv, rows = _groups(np.array([7, 3, 7])); d.tolist(), inv.tolist(), [r.tolist() for r in rows]
+    ([3, 7], [1, 0, 1], [[1], [0, 2]])
+    """
+    n = len(values)
+    if n < 2 or (values[1:] >= values[:-1]).all():
+        bounds = np.concatenate(([0], np.flatnonzero(values[1:] != values[:-1]) + 1, [n])) if n else np.zeros(1, int)
+        distinct = values[bounds[:-1]]
+        inverse = np.repeat(np.arange(len(distinct)), np.diff(bounds))
+        b = bounds.tolist()
+        return distinct, inverse, [np.arange(b[k], b[k + 1]) for k in range(len(distinct))]
+    distinct, inverse = np.unique(values, return_inverse=True)
+    order = np.argsort(inverse, kind="stable")
+    b = np.searchsorted(inverse[order], np.arange(len(distinct) + 1)).tolist()
+    return distinct, inverse, [order[b[k]:b[k + 1]] for k in range(len(distinct))]
 
 
 def ewb_batch(lp, idx: np.ndarray, va_idx: np.ndarray, va_off: np.ndarray, out: np.ndarray,
@@ -82,15 +108,15 @@ def ewb_batch(lp, idx: np.ndarray, va_idx: np.ndarray, va_off: np.ndarray, out: 
     Every check of a page (tracking, VA slot free) is decided before any page is sealed: nothing a page's
     write-back changes is read by a later page's check (distinct pages; a slot used twice stops the batch
     at its second use, which the per-page leaf then answers with SGX_VA_SLOT_OCCUPIED). Headers, nonces,
-    PCMDs and VA slots are then written as arrays; only the sealing is a loop (``encrypt_into`` straight
-    into the caller's rows: a page's tag lands at the start of the next row and is moved to its PCMD
-    before that row is sealed)."""
+    PCMDs and VA slots are then written as arrays; only the sealing is per page (:func:`_seal`)."""
     proc = lp.processor
     epcm = proc.epcm
     idx = np.asarray(idx, dtype=np.int64)
     va_idx = np.asarray(va_idx, dtype=np.int64)
     va_off = np.asarray(va_off, dtype=np.int64)
     n = len(idx)
+    _rows(out, out=True)                                     # raises unless the outputs can take the rows
+    _rows(pcmd_out, out=True)
     if not n or not proc.sgx_enabled() or lp.inside is not None:
         return 0
     ok = (idx >= 0) & (idx < epcm.nr_pages) & (va_idx >= 0) & (va_idx < epcm.nr_pages) & (idx != va_idx)
@@ -110,17 +136,16 @@ def ewb_batch(lp, idx: np.ndarray, va_idx: np.ndarray, va_off: np.ndarray, out: 
     epochs = proc.modify_epochs
     with proc.lock:
         idx_l = idx[:n].tolist()
-        usecs, inv = np.unique(epcm.secs[idx[:n]], return_inverse=True)
+        usecs, inv, secs_rows = _groups(epcm.secs[idx[:n]])
         sts = [enclaves[s] for s in usecs.tolist()]
-        for j, st in enumerate(sts):                         # tracking, per enclave
-            rows = np.flatnonzero(inv == j)
+        for st, rows in zip(sts, secs_rows):                 # tracking, per enclave
             if st.tracked_lps:                               # tracking_complete(): LPs still inside
                 bad = rows
             elif not st.bepoch:                              # every page blocked in the current epoch
                 bad = rows if not tracking_complete(st, st.cbepoch) else rows[:0]
             else:                                            # tracking_complete() of each page's epoch
-                get, cb = st.bepoch.get, st.cbepoch
-                ep = np.fromiter((get(idx_l[r], cb) for r in rows.tolist()), dtype=np.int64, count=len(rows))
+                ep = np.fromiter(map(st.bepoch.get, idx[:n][rows].tolist(), repeat(st.cbepoch)), dtype=np.int64,
+                                 count=len(rows))
                 bad = rows[ep >= st.track_epoch]
             if len(bad):
                 n = min(n, int(bad[0]))                      # SGX_NOT_TRACKED: the per-page leaf says so
@@ -132,7 +157,7 @@ def ewb_batch(lp, idx: np.ndarray, va_idx: np.ndarray, va_off: np.ndarray, out: 
         if not n:
             return 0
         idx_n, f, inv, va_n, vo_n = idx[:n], f[:n], inv[:n], va_idx[:n], va_off[:n]
-        uf, finv = np.unique(f, return_inverse=True)
+        uf, finv, _ = _groups(f)
         secinfo = np.frombuffer(b"".join(Secinfo(flags=pcmd_secinfo_flags(x)).pack() for x in uf.tolist()),
                                 dtype=np.uint8).reshape(len(uf), 64)[finv]
         eid = np.array([st.eid for st in sts], dtype=np.uint64)[inv]
@@ -141,35 +166,22 @@ def ewb_batch(lp, idx: np.ndarray, va_idx: np.ndarray, va_off: np.ndarray, out: 
         proc._version += n                                   # proc.next_version() per page: fresh, never reused
         hdr = memoryview(_headers(n, secinfo, eid, linaddr.astype(np.uint64), version)).cast("B")
         nonce = _nonces(version)
-        out_mv = _rows(out, out=True)
-        pcmd_mv = _rows(pcmd_out, out=True)
         pcmd = pcmd_out.reshape(-1, PCMD_SIZE)
         pcmd[:n, :64] = secinfo                              # PCMD: SECINFO | ENCLAVEID | 40 reserved | MAC
         pcmd[:n].view("<u8")[:, 8] = eid
         pcmd[:n, 72:112] = 0
         chunks, chunk_of, off_of = store.spans(idx_n)
-        chunks = chunks + [_ZERO_PAGE]                       # chunk -1: a page without contents reads zeros
-        aes = AESGCM(proc.paging_key)
-        encrypt_into = aes.encrypt_into
-        last = memoryview(bytearray(PAGE_SIZE + 16))        # the last page's tag has no next row to use
-        for i in range(n):
-            o = i * PAGE_SIZE
-            sealed = out_mv[o:o + PAGE_SIZE + 16] if i + 1 < n else last
-            c, so = chunk_of[i], off_of[i]
-            encrypt_into(nonce[12 * i:12 * i + 12], chunks[c][so:so + PAGE_SIZE], hdr[128 * i:128 * i + 128], sealed)
-            pcmd_mv[128 * i + 112:128 * i + 128] = sealed[PAGE_SIZE:]
-        out_mv[(n - 1) * PAGE_SIZE:n * PAGE_SIZE] = last[:PAGE_SIZE]
+        _seal(AESGCM(proc.paging_key).encrypt_into, nonce, hdr, chunks + [_ZERO_PAGE], chunk_of, off_of,
+              out.reshape(-1, PAGE_SIZE), pcmd)            # chunk -1: a page without contents reads zeros
         for rows, words in _va_words(store, va_n, create=True):
             words[vo_n[rows] // VA_SLOT_SIZE] = version[rows]
         if epochs:
-            for ix in idx_l[:n]:
-                epochs.pop(ix, None)
+            deque(map(epochs.pop, idx_l[:n], repeat(None)), maxlen=0)
         counts = np.bincount(inv, minlength=len(sts)).tolist()
         for j, st in enumerate(sts):
             st.child_count -= counts[j]
             if st.bepoch:
-                for r in np.flatnonzero(inv == j).tolist():
-                    st.bepoch.pop(idx_l[r], None)
+                deque(map(st.bepoch.pop, idx_n[inv == j].tolist(), repeat(None)), maxlen=0)
         store.clear_many(idx_n)                              # SDM EWB: "Free up EPCM Entry"
         epcm.flags[idx_n] = 0
         epcm.secs[idx_n] = 0
@@ -226,30 +238,14 @@ def eldu_batch(lp, idx: np.ndarray, secs_idx: int, linaddrs: np.ndarray, va_idx:
         hdr = memoryview(_headers(n, pcmd[:, :64], eid, linaddrs[:n].astype(np.uint64), version,
                                   reserved=pcmd[:, 72:112])).cast("B")
         nonce = _nonces(version)
-        cont_mv = _rows(contents)
-        pcmd_mv = _rows(pcmds)
-        sealed = bytearray(PAGE_SIZE + 16)                   # ciphertext | MAC, as decrypt takes them
-        sealed_mv = memoryview(sealed)
         # Decrypted straight into the destination pages' slots (the ones EWB just freed, typically); a page
         # that holds contents already is decrypted aside first, so a MAC mismatch leaves them as they were.
         had = store.present(idx[:n])
         chunks, chunk_of, off_of = store.spans(idx[:n], claim=True, zero=False)   # each decrypted over, or
-        aside = bytearray(PAGE_SIZE) if had.any() else None                      # given back below
-        had_l = had.tolist()
-        decrypt_into = AESGCM(proc.paging_key).decrypt_into
-        done = 0
-        for i in range(n):
-            sealed_mv[:PAGE_SIZE] = cont_mv[PAGE_SIZE * i:PAGE_SIZE * (i + 1)]
-            sealed_mv[PAGE_SIZE:] = pcmd_mv[PCMD_SIZE * i + 112:PCMD_SIZE * (i + 1)]
-            so = off_of[i]
-            dst = chunks[chunk_of[i]][so:so + PAGE_SIZE]
-            try:
-                decrypt_into(nonce[12 * i:12 * i + 12], sealed, hdr[128 * i:128 * i + 128], aside if had_l[i] else dst)
-            except InvalidTag:
-                break                                        # SGX_MAC_COMPARE_FAIL: per page
-            if had_l[i]:
-                dst[:] = aside
-            done += 1
+        had_l = had.tolist()                                                      # given back below
+        cont = np.ascontiguousarray(contents, dtype=np.uint8).reshape(-1, PAGE_SIZE)
+        done = _open(AESGCM(proc.paging_key).decrypt_into, nonce, hdr, cont, pcmd[:, 112:], chunks, chunk_of,
+                     off_of, np.flatnonzero(had).tolist())
         for i in range(n - 1, done - 1, -1):                 # not loaded: no contents (slots given back)
             if not had_l[i]:
                 store.pop(int(idx[i]))
@@ -270,6 +266,94 @@ def eldu_batch(lp, idx: np.ndarray, secs_idx: int, linaddrs: np.ndarray, va_idx:
     return done
 
 
+#: Pages sealed or opened per pass through a scratch buffer of (ciphertext | MAC) rows (~2 MiB, reused).
+_PASS = 512
+_SEALED = PAGE_SIZE + 16
+#: Scratch buffers not in use (one per concurrent batch): reused, so a pass pays no page faults.
+_FREE_SCRATCH: list[bytearray] = []
+_PAGE_END = PAGE_SIZE.__add__
+
+
+def _scratch() -> bytearray:
+    """A scratch buffer of at least :data:`_PASS` rows (given back to ``_FREE_SCRATCH`` after use)."""
+    while _FREE_SCRATCH:
+        scratch = _FREE_SCRATCH.pop()
+        if len(scratch) >= _PASS * _SEALED:
+            return scratch
+    return bytearray(_PASS * _SEALED)
+
+
+def _views(mv: memoryview, start: int, count: int, size: int, step: int):
+    """``mv[start + k*step:start + k*step + size]`` for ``k < count``, made by ``map`` (no bytecode per page)."""
+    return map(mv.__getitem__, map(slice, range(start, start + count * step, step),
+                                   range(start + size, start + size + count * step, step)))
+
+
+def _pages(chunks: list, chunk_of: list[int], off_of: list[int]):
+    """The page views ``chunks[chunk_of[i]][off_of[i]:off_of[i] + 4096]`` (:meth:`EpcStore.spans`), by ``map``."""
+    return map(getitem, map(chunks.__getitem__, chunk_of), map(slice, off_of, map(_PAGE_END, off_of)))
+
+
+def _seal(encrypt_into, nonce: memoryview, hdr: memoryview, chunks: list, chunk_of: list[int], off_of: list[int],
+          out: np.ndarray, pcmd: np.ndarray) -> None:
+    """AES-GCM of page ``i`` (:func:`_pages`) with nonce ``i`` and header ``i`` as AAD: the ciphertext to
+    ``out[i]``, the MAC to ``pcmd[i, 112:]``. One ``encrypt_into`` per page into a row of a scratch buffer,
+    the calls made by ``map``; each pass's rows then go to ``out`` and the PCMDs as two array copies."""
+    n = len(chunk_of)
+    scratch = _scratch()
+    try:
+        smv = memoryview(scratch)
+        rows = np.frombuffer(scratch, dtype=np.uint8).reshape(-1, _SEALED)
+        for lo in range(0, n, _PASS):
+            m = min(_PASS, n - lo)
+            deque(map(encrypt_into, _views(nonce, 12 * lo, m, 12, 12),
+                      _pages(chunks, chunk_of[lo:lo + m], off_of[lo:lo + m]),
+                      _views(hdr, 128 * lo, m, 128, 128), _views(smv, 0, m, _SEALED, _SEALED)), maxlen=0)
+            out[lo:lo + m] = rows[:m, :PAGE_SIZE]
+            pcmd[lo:lo + m, 112:] = rows[:m, PAGE_SIZE:]
+    finally:
+        _FREE_SCRATCH.append(scratch)
+
+
+def _open(decrypt_into, nonce: memoryview, hdr: memoryview, cont: np.ndarray, macs: np.ndarray, chunks: list,
+          chunk_of: list[int], off_of: list[int], had: list[int]) -> int:
+    """AES-GCM open of ``cont[i]`` with MAC ``macs[i]``, nonce ``i`` and header ``i`` into page ``i``
+    (:func:`_pages`), in order, up to the first MAC mismatch: returns how many pages were opened. A page
+    of ``had`` (positions, ascending: it holds contents) is opened into an aside row and copied over once
+    its MAC held, so a mismatch leaves its contents as they were. Each pass lays its pages out as
+    (ciphertext | MAC) rows of a scratch buffer (two array copies) for the ``decrypt_into`` calls."""
+    n = len(chunk_of)
+    scratch = _scratch()
+    aside = memoryview(bytearray(PAGE_SIZE * min(len(had), _PASS))) if had else None
+    try:
+        smv = memoryview(scratch)
+        rows = np.frombuffer(scratch, dtype=np.uint8).reshape(-1, _SEALED)
+        for lo in range(0, n, _PASS):
+            m = min(_PASS, n - lo)
+            rows[:m, :PAGE_SIZE] = cont[lo:lo + m]
+            rows[:m, PAGE_SIZE:] = macs[lo:lo + m]
+            dsts = list(_pages(chunks, chunk_of[lo:lo + m], off_of[lo:lo + m]))
+            held = []                                        # (position, its page, the aside row)
+            for k, i in enumerate(i - lo for i in had if lo <= i < lo + m):
+                held.append((i, dsts[i], aside[k * PAGE_SIZE:(k + 1) * PAGE_SIZE]))
+                dsts[i] = held[-1][2]
+            opened = 0
+            try:
+                for _ in map(decrypt_into, _views(nonce, 12 * lo, m, 12, 12), _views(smv, 0, m, _SEALED, _SEALED),
+                             _views(hdr, 128 * lo, m, 128, 128), dsts):
+                    opened += 1
+            except InvalidTag:                               # SGX_MAC_COMPARE_FAIL: the per-page leaf says so
+                pass
+            for i, page, row in held:
+                if i < opened:
+                    page[:] = row
+            if opened < m:
+                return lo + opened
+        return n
+    finally:
+        _FREE_SCRATCH.append(scratch)
+
+
 def _first_false(ok: np.ndarray) -> int:
     bad = np.flatnonzero(~ok)
     return int(bad[0]) if len(bad) else len(ok)
@@ -284,6 +368,8 @@ def _rows(a: np.ndarray, out: bool = False) -> memoryview:
 
 def _first_duplicate(idx: np.ndarray) -> int:
     """Position of the first repeated page (a second EWB/ELDU of it sees another EPCM state), or len."""
+    if len(idx) < 2 or (idx[1:] > idx[:-1]).all():          # ascending: distinct without a sort
+        return len(idx)
     _, first = np.unique(idx, return_index=True)
     if len(first) == len(idx):
         return len(idx)
