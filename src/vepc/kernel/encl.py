@@ -643,7 +643,7 @@ class EnclaveDriver(FileOps):
     # -- fault (encl.c sgx_vma_fault) -------------------------------------------------------------------
     def _insert_pfn(self, vma: Vma, addr: int, epc_page: int) -> int:
         """``vmf_insert_pfn`` on a VM_PFNMAP VMA: cannot fail in the model."""
-        vma.ptes[addr >> PAGE_SHIFT] = self.pool.phys_addr(epc_page) >> PAGE_SHIFT
+        vma.ptes[addr >> PAGE_SHIFT] = self.pool.pfn(epc_page)
         return VM_FAULT_NOPAGE
 
     def _accessed(self, vma: Vma, addr: int) -> None:

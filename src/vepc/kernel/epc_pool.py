@@ -44,6 +44,9 @@ from vepc.types import PhysAddr
 __all__ = ["EpcPool", "KSection", "NumaNode", "PAGE_RECLAIMER_TRACKED", "PAGE_IS_FREE", "PAGE_POISON",
            "PAGE_DIRTY", "KERNEL_BYTES_PER_PAGE", "ERESTARTSYS", "BATCH", "BATCH_MIN_PAGES", "batch_enabled"]
 
+#: EventKind.EPC_ALLOC as a plain int, looked up once (an enum member costs ~75 ns a lookup: per allocation).
+_EPC_ALLOC = int(EventKind.EPC_ALLOC)
+
 #: Default for every kernel: use the batch paths (populate, remove, sanitize, bulk free). A kernel's own
 #: ``batch`` attribute, when set, overrides it; ``False`` runs the per-page paths (the reference the batch
 #: paths are tested against).
@@ -248,6 +251,12 @@ class EpcPool:
         s = self.sections[0] if len(self.sections) == 1 else self.section_of(page)
         return PhysAddr(s.phys_addr + ((page - s.first) << PAGE_SHIFT))
 
+    def pfn(self, page: int) -> int:
+        """``PHYS_PFN(sgx_get_epc_phys_addr(page))``: the frame a PTE of ``page`` holds (per fault: no
+        PhysAddr made). Example: ``pool.pfn(0) << PAGE_SHIFT == pool.phys_addr(0)``."""
+        s = self.sections[0] if len(self.sections) == 1 else self.section_of(page)
+        return (s.phys_addr >> PAGE_SHIFT) + page - s.first
+
     def page_of_phys(self, phys: int) -> int:
         """``sgx_paddr_to_page`` (the sgx_epc_address_space lookup): page number or -1."""
         for s in self.sections:
@@ -368,7 +377,7 @@ class EpcPool:
                 page = self._alloc_any(node)
             if page >= 0:
                 self.owner[page] = oid
-                self.events.emit(EventKind.EPC_ALLOC, oid, page)
+                self.events.emit(_EPC_ALLOC, oid, page)
                 break
             if not self.can_reclaim():
                 page = -errno.ENOMEM                      # (no wakeup: nothing to reclaim)

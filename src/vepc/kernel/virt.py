@@ -46,6 +46,9 @@ if TYPE_CHECKING:
 
 __all__ = ["SGX_IOC_VEPC_REMOVE_ALL", "Vepc", "VepcDriver", "EREMOVE_ERROR_MESSAGE", "FAULT_POINTS"]
 
+#: EventKind.VEPC_FAULT as a plain int, looked up once (an enum member costs ~75 ns a lookup: per fault).
+_VEPC_FAULT = int(EventKind.VEPC_FAULT)
+
 
 #: Pages per batch of a release pass (bounds the temporary arrays).
 RELEASE_CHUNK = 1 << 17
@@ -171,7 +174,7 @@ class VepcDriver(FileOps):
             vepc.page_array.erase(index)
             self.pool.free(page)
             return -errno.EFAULT
-        vma.ptes[addr >> PAGE_SHIFT] = self.pool.phys_addr(page) >> PAGE_SHIFT
+        vma.ptes[addr >> PAGE_SHIFT] = self.pool.pfn(page)
         return 0
 
     def fault(self, vmf: VmFault) -> int:
@@ -187,7 +190,7 @@ class VepcDriver(FileOps):
             result = VM_FAULT_RETRY
         else:
             result = VM_FAULT_SIGBUS
-        self.events.emit(EventKind.VEPC_FAULT, vepc.owner_id, -1, 1, index, result)
+        self.events.emit(_VEPC_FAULT, vepc.owner_id, -1, 1, index, result)
         return result
 
     def fault_range(self, vma: Vma, vpns, flags: int) -> int:

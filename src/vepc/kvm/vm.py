@@ -36,6 +36,9 @@ if TYPE_CHECKING:
 
 __all__ = ["Memslot", "Vm", "GuestMemory"]
 
+#: EventKind.EPT_VIOLATION as a plain int, looked up once (an enum member costs ~75 ns a lookup: per fault).
+_EPT_VIOLATION = int(EventKind.EPT_VIOLATION)
+
 
 @dataclass(frozen=True)
 class Memslot:
@@ -182,7 +185,7 @@ class Vm:
         if pfn < 0:
             raise KvmRunError(errno.EFAULT, gpa)
         self.ept[s.slot][gpa >> PAGE_SHIFT] = pfn
-        self.kvm.events.emit(EventKind.EPT_VIOLATION, -1, -1, 1, gpa >> PAGE_SHIFT, pfn)
+        self.kvm.events.emit(_EPT_VIOLATION, -1, -1, 1, gpa >> PAGE_SHIFT, pfn)
         return pfn
 
     def translate_batch(self, gpas: np.ndarray, fault_in: bool = True) -> np.ndarray:

@@ -512,7 +512,7 @@ class World:
             assert r == -errno.ENXIO, f"memory failure on RAM returned {r}, not -ENXIO"
             return "enxio"
         page = target % pool.nr_pages
-        pfn = pool.phys_addr(page) >> PAGE_SHIFT
+        pfn = pool.pfn(page)
         prev = self.kernel.current
         victim = self._pick(self.processes(), who) if action_required else None
         self.kernel.current = victim
