@@ -95,9 +95,9 @@ class HostCpu:
     def write_phys(self, addr: int, data: bytes) -> None:
         self._mem.write(addr, data)  # type: ignore[arg-type]
 
-    def read_phys_pages(self, addrs: list[int], out: bytearray) -> bytearray:
-        """:meth:`read_phys` of the whole page at each address, joined into ``out``."""
-        return self._mem.read_pages(addrs, out)
+    def read_phys_pages(self, addrs: list[int]) -> bytes:
+        """:meth:`read_phys` of the whole page at each address, joined."""
+        return self._mem.read_pages(addrs)
 
     def kick_enclave_threads(self, secs_phys: int) -> int:
         index = self.processor.layout.index_of(secs_phys)

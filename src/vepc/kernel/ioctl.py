@@ -271,8 +271,6 @@ def sgx_encl_add_page(drv: "EnclaveDriver", encl: Encl, src: int, offset: int, s
 #: Pages per batch of ADD_PAGES (bounds the source copy; two batches let one's measurement run beside the
 #: next one's bookkeeping).
 ADD_PAGES_BATCH = 512
-#: Source copy buffers not in use: reused, so a batch pays no page faults on a fresh buffer.
-_FREE_SOURCES: list[bytearray] = []
 
 
 def _va_page_positions(encl: Encl, n: int) -> list[int]:
@@ -336,18 +334,12 @@ def _add_pages_batch(drv: "EnclaveDriver", encl: Encl, proc: Process, src: int, 
     n = len(phys)
     if n < 2:
         return 0
-    contents = _FREE_SOURCES.pop() if _FREE_SOURCES else bytearray(ADD_PAGES_BATCH * PAGE_SIZE)
-    try:
-        if len(contents) < n * PAGE_SIZE:
-            contents = bytearray(n * PAGE_SIZE)
-        cpu.read_phys_pages(phys, contents)
-        return _add_pages_run(drv, encl, cpu, offset, base_index, phys, contents, secinfo, flags)
-    finally:
-        _FREE_SOURCES.append(contents)
+    contents = cpu.read_phys_pages(phys)
+    return _add_pages_run(drv, encl, cpu, offset, base_index, phys, contents, secinfo, flags)
 
 
 def _add_pages_run(drv: "EnclaveDriver", encl: Encl, cpu, offset: int, base_index: int, phys: list[int],
-                   contents: bytearray, secinfo: Secinfo, flags: int) -> int:
+                   contents: bytes, secinfo: Secinfo, flags: int) -> int:
     """The rest of :func:`_add_pages_batch` once the ``len(phys)`` source pages are in ``contents``."""
     n = len(phys)
     va_at = _va_page_positions(encl, n)
