@@ -87,6 +87,8 @@ class EpcLayout:
         return self.sections[self.section_of_index(index)].node
 
     def contains(self, phys: int) -> bool:
+        if len(self._ends) == 1:                         # one section (per guest access: no bisect, no call)
+            return self._sorted_bases[0] <= phys < self._ends[0]
         return self.section_id_of(phys) >= 0
 
     def contains_any(self, addrs) -> bool:
