@@ -72,11 +72,11 @@ def cache_dir() -> Path:
     return Path(env) if env else Path(tempfile.gettempdir()) / f"vepc-realkvm-{os.getuid()}"
 
 
-def _run(argv: list[str], cwd: str) -> str:
+def _run(argv: list[str], cwd: str, package: str = "binutils") -> str:
     try:
         done = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=TOOL_TIMEOUT, check=False)
     except FileNotFoundError:
-        raise GuestBuildError(f"{argv[0]} not found (install binutils)") from None
+        raise GuestBuildError(f"{argv[0]} not found (install {package})") from None
     except subprocess.TimeoutExpired:
         raise GuestBuildError(f"{argv[0]} did not finish within {TOOL_TIMEOUT} s") from None
     if done.returncode:
@@ -120,11 +120,16 @@ def build_guest(name: str = "guest", cache: Path | None = None) -> GuestImage:
             if len(parts) == 3 and parts[1] in "Tt":
                 symbols[parts[2]] = int(parts[0], 16)
         code = Path(out).read_bytes()
-    where.mkdir(parents=True, exist_ok=True)
-    # Atomic publication: concurrent builders (pytest -n) never see a half-written file.
-    for path, data in ((bin_path, code), (sym_path, json.dumps(symbols, sort_keys=True).encode())):
-        fd, tmp_path = tempfile.mkstemp(dir=where, prefix=path.name + ".")
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp_path, path)
+    publish(bin_path, code)
+    publish(sym_path, json.dumps(symbols, sort_keys=True).encode())
     return GuestImage(name, code, symbols, digest)
+
+
+def publish(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (a temporary file renamed over it): concurrent builders
+    (pytest -n) never see a half-written file. Example: ``publish(cache_dir() / "x.bin", b"...")``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_path = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp_path, path)

@@ -1,0 +1,103 @@
+/*
+ * A compiled userfaultfd fault server: the reference that measures the userfaultfd round trip with no
+ * Python in it (vepc.realkvm.native, the "compiled handler" row of the real-KVM benchmark).
+ *
+ * It does what the Python reference handler in vepc/realkvm/bench.py does, in C: read fault messages
+ * (up to 64 per read) from a non-blocking userfaultfd, spinning for `spin_ns` before it sleeps in poll(2)
+ * (50 ms at most, so that *stop is seen), and answer each with UFFDIO_CONTINUE of the faulting page
+ * (MINOR mode) or UFFDIO_COPY of the page at `src` (MISSING mode); a page already present (EEXIST) is
+ * woken with UFFDIO_WAKE. No model is asked: this bounds any design that needs user space once per page.
+ *
+ * The structure layouts and ioctl numbers are include/uapi/linux/userfaultfd.h's, spelled out here (as
+ * vepc/realkvm/uffd.py does) so that only a C compiler and libc are needed.
+ */
+#include <errno.h>
+#include <poll.h>
+#include <stdint.h>
+#include <sys/ioctl.h>
+#include <time.h>
+#include <unistd.h>
+
+#define PAGE 4096ULL
+#define UFFD_EVENT_PAGEFAULT 0x12
+/* _IOWR(0xAA, nr, size) and _IOR(0xAA, nr, size) */
+#define UFFD_IOWR(nr, size) ((3UL << 30) | ((unsigned long)(size) << 16) | (0xAAUL << 8) | (nr))
+#define UFFD_IOR(nr, size) ((2UL << 30) | ((unsigned long)(size) << 16) | (0xAAUL << 8) | (nr))
+
+struct uffd_msg_pf {            /* struct uffd_msg for UFFD_EVENT_PAGEFAULT: 32 bytes */
+	uint8_t event, reserved1;
+	uint16_t reserved2;
+	uint32_t reserved3;
+	uint64_t flags, address, ptid;
+};
+
+struct uffd_range { uint64_t start, len; };
+struct uffdio_copy { uint64_t dst, src, len, mode; int64_t copy; };
+struct uffdio_continue { struct uffd_range range; uint64_t mode; int64_t mapped; };
+
+#define UFFDIO_WAKE UFFD_IOR(0x02, sizeof(struct uffd_range))
+#define UFFDIO_COPY UFFD_IOWR(0x03, sizeof(struct uffdio_copy))
+#define UFFDIO_CONTINUE UFFD_IOWR(0x07, sizeof(struct uffdio_continue))
+
+_Static_assert(sizeof(struct uffd_msg_pf) == 32, "struct uffd_msg is 32 bytes");
+_Static_assert(sizeof(struct uffdio_copy) == 40, "struct uffdio_copy is 40 bytes");
+_Static_assert(sizeof(struct uffdio_continue) == 32, "struct uffdio_continue is 32 bytes");
+
+static int64_t now_ns(void)
+{
+	struct timespec t;
+	clock_gettime(CLOCK_MONOTONIC, &t);
+	return (int64_t)t.tv_sec * 1000000000LL + t.tv_nsec;
+}
+
+static int answer(int fd, int minor, uint64_t src, uint64_t page)
+{
+	long ret;
+	if (minor) {
+		struct uffdio_continue c = { { page, PAGE }, 0, 0 };
+		ret = ioctl(fd, UFFDIO_CONTINUE, &c);
+	} else {
+		struct uffdio_copy c = { page, src, PAGE, 0, 0 };
+		ret = ioctl(fd, UFFDIO_COPY, &c);
+	}
+	if (ret == 0)
+		return 0;
+	if (errno == EEXIST) {                  /* already populated: let the waiter retry */
+		struct uffd_range r = { page, PAGE };
+		return ioctl(fd, UFFDIO_WAKE, &r) ? -errno : 0;
+	}
+	return -errno;
+}
+
+/* Serve until *stop is nonzero; returns the faults served, or -errno of the first failure. */
+long vepc_uffd_serve(int fd, int minor, uint64_t src, volatile int *stop, long spin_ns)
+{
+	struct uffd_msg_pf msgs[64];
+	long served = 0;
+	int64_t idle_since = now_ns();
+
+	while (!*stop) {
+		ssize_t n = read(fd, msgs, sizeof msgs);
+		if (n < 0) {
+			if (errno != EAGAIN && errno != EINTR)
+				return -errno;
+			if (now_ns() - idle_since > spin_ns) {
+				struct pollfd p = { fd, POLLIN, 0 };
+				if (poll(&p, 1, 50) < 0 && errno != EINTR)
+					return -errno;
+				idle_since = now_ns();
+			}
+			continue;
+		}
+		for (ssize_t i = 0; i < n / (ssize_t)sizeof msgs[0]; i++) {
+			if (msgs[i].event != UFFD_EVENT_PAGEFAULT)
+				continue;
+			int err = answer(fd, minor, src, msgs[i].address & ~(PAGE - 1));
+			if (err)
+				return err;
+			served++;
+		}
+		idle_since = now_ns();
+	}
+	return served;
+}
