@@ -205,6 +205,9 @@ class EpcPool:
         self.events = events
         self.owner = lazy_zeros(self.nr_pages, np.uint32)     # written as pages are allocated
         self.flags = np.zeros(self.nr_pages, dtype=np.uint8)
+        # memoryviews of the two for the one-page stores of every allocation (an index into a
+        # memoryview costs about half of a numpy scalar load or store)
+        self._owner_m, self._flags_m = memoryview(self.owner), memoryview(self.flags)
         self.nodes: dict[int, NumaNode] = {}
         for s in sections:
             node = self.nodes.setdefault(s.node, NumaNode(s.node))
@@ -321,7 +324,7 @@ class EpcPool:
             # list_first_entry + list_del_init (a slot of the unwritten boot run holds run_first + slot)
             page = node.run_first + h if h < node.run_len else node.ring.item(h % node.capacity)
             node.head = h + 1
-            self.flags[page] = 0
+            self._flags_m[page] = 0
             count = self._free_count_lock                  # account_free(-1), inline
             count.acquire()
             self.nr_free -= 1
@@ -384,7 +387,7 @@ class EpcPool:
             if page < 0:
                 page = self._alloc_any(node)
             if page >= 0:
-                self.owner[page] = oid
+                self._owner_m[page] = oid
                 self.events.emit(_EPC_ALLOC, oid, page)
                 break
             if not self.can_reclaim():

@@ -28,11 +28,17 @@ EMPTY = np.uint32(0)
 
 
 class PageArray:
-    __slots__ = ("_a", "_n")
+    __slots__ = ("_a", "_m", "_n")
 
     def __init__(self) -> None:
-        self._a = np.zeros(0, dtype=np.uint32)
+        self._set(np.zeros(0, dtype=np.uint32))
         self._n = 0
+
+    def _set(self, a: np.ndarray) -> None:
+        """The array, and a memoryview of it for one-slot loads and stores (per fault: an index into it
+        costs about half of ``ndarray.item`` or a numpy scalar store)."""
+        self._a = a
+        self._m = memoryview(a)
 
     def _grow(self, index: int) -> None:
         size = max(64, len(self._a))
@@ -40,7 +46,7 @@ class PageArray:
             size *= 2
         new = np.zeros(size, dtype=np.uint32)
         new[:len(self._a)] = self._a
-        self._a = new
+        self._set(new)
 
     def reserve(self, size: int) -> None:
         """Room for indices below ``size`` now (zeroed lazily by the OS), so that a batch filling them in
@@ -54,24 +60,25 @@ class PageArray:
             self._grow(size - 1)
 
     def load(self, index: int) -> int | None:
-        a = self._a
-        if index < len(a):
-            v = a.item(index)
+        m = self._m
+        if index < len(m):
+            v = m[index]
             if v:
                 return v - 1
         return None
 
     def store(self, index: int, page: int) -> None:
-        if index >= len(self._a):
+        if index >= len(self._m):
             self._grow(index)
-        a = self._a
-        if not a.item(index):
+        m = self._m
+        if not m[index]:
             self._n += 1
-        a[index] = page + 1
+        m[index] = page + 1
 
     def erase(self, index: int) -> None:
-        if index < len(self._a) and self._a[index]:
-            self._a[index] = 0
+        m = self._m
+        if index < len(m) and m[index]:
+            m[index] = 0
             self._n -= 1
 
     def first_present(self, lo: int, hi: int) -> int:
@@ -170,7 +177,7 @@ class PageArray:
             yield i, p
 
     def destroy(self) -> None:
-        self._a = np.zeros(0, dtype=np.uint32)
+        self._set(np.zeros(0, dtype=np.uint32))
         self._n = 0
 
     def __len__(self) -> int:

@@ -47,30 +47,34 @@ def as_run(idx) -> tuple[int, int] | None:
 
 
 class PteTable:
-    __slots__ = ("base", "n", "_a", "_count")
+    __slots__ = ("base", "n", "_a", "_m", "_count")
 
     def __init__(self, base_vpn: int, nr_pages: int) -> None:
         self.base = base_vpn
         self.n = nr_pages
         self._a: np.ndarray | None = None       # pfn + 1; 0 = not present
+        #: A memoryview of ``_a`` for the one-entry accesses of every fault (an index into it costs about
+        #: half of ``ndarray.item`` or a numpy scalar store); set wherever ``_a`` is.
+        self._m: memoryview | None = None
         self._count = 0
 
     def _arr(self) -> np.ndarray:
         if self._a is None:
             self._a = np.zeros(self.n, dtype=np.uint32)
+            self._m = memoryview(self._a)
         return self._a
 
     def __contains__(self, vpn: int) -> bool:
         i = vpn - self.base
-        a = self._a
-        return a is not None and 0 <= i < self.n and bool(a[i])
+        m = self._m
+        return m is not None and 0 <= i < self.n and m[i] != 0
 
     def get(self, vpn: int, default=None):
         i = vpn - self.base
-        a = self._a
-        if a is None or not 0 <= i < self.n:
+        m = self._m
+        if m is None or not 0 <= i < self.n:
             return default
-        v = a.item(i)
+        v = m[i]
         return v - 1 if v else default
 
     def __getitem__(self, vpn: int) -> int:
@@ -80,18 +84,22 @@ class PteTable:
         return v
 
     def __setitem__(self, vpn: int, pfn: int) -> None:
-        a = self._a
-        if a is None:
-            a = self._arr()
+        m = self._m
+        if m is None:
+            self._arr()
+            m = self._m
         i = vpn - self.base
-        was = a.item(i)
-        a[i] = pfn + 1                          # (a frame beyond MAX_PFN raises here, before the count)
+        was = m[i]
+        try:
+            m[i] = pfn + 1
+        except ValueError:                      # a frame beyond MAX_PFN: refused before the count
+            raise OverflowError(f"frame {pfn:#x} beyond the page table's {MAX_PFN:#x}") from None
         if not was:
             self._count += 1
 
     def pop(self, vpn: int) -> int:
         v = self[vpn]
-        self._a[vpn - self.base] = 0
+        self._m[vpn - self.base] = 0
         self._count -= 1
         return v
 
@@ -208,6 +216,7 @@ class PteTable:
             seg = self._a[lo - self.base:hi - self.base]
             if seg.any():
                 t._a = seg.copy()
+                t._m = memoryview(t._a)
                 t._count = int(np.count_nonzero(seg))
         return t
 
