@@ -328,6 +328,17 @@ class Process:
             return VM_FAULT_NOPAGE
         return self._fault_in(vma, addr, write, allow_retry)
 
+    def _in_task(self, handler, vmf: VmFault) -> int:
+        """``handler(vmf)`` in this task's context (``current``): what ``with kernel.running(self)`` does,
+        without a ``with`` block (this runs on every page fault)."""
+        local = self.kernel._current
+        prev = getattr(local, "task", None)
+        local.task = self
+        try:
+            return handler(vmf)
+        finally:
+            local.task = prev
+
     def _fault_in(self, vma: Vma, addr: int, write: bool, allow_retry: bool = True) -> int:
         """:meth:`fault` from the point where ``addr`` is known to lie in ``vma`` (allowing the access)
         with no PTE: the VMA's fault handler, retries, the signal."""
@@ -337,14 +348,8 @@ class Process:
             return VM_FAULT_NOPAGE
         flags = FAULT_FLAG_USER | (FAULT_FLAG_WRITE if write else 0) | (FAULT_FLAG_ALLOW_RETRY if allow_retry else 0)
         handler = vma.vm_ops.fault
-        local = self.kernel._current                     # the handler runs as this task (``current``)
         for _ in range(MAX_FAULT_RETRIES):
-            prev = getattr(local, "task", None)         # ``with kernel.running(self)``, inline: per fault
-            local.task = self
-            try:
-                ret = handler(VmFault(vma, addr, flags))
-            finally:
-                local.task = prev
+            ret = self._in_task(handler, VmFault(vma, addr, flags))
             if ret & VM_FAULT_RETRY:
                 # mm/memory.c: the fault is retried with FAULT_FLAG_TRIED; meanwhile kthreads run.
                 flags |= FAULT_FLAG_TRIED
@@ -424,14 +429,8 @@ class Process:
             return vma.ptes[vpn]
         flags = (FAULT_FLAG_WRITE if write else 0) | FAULT_FLAG_ALLOW_RETRY
         handler = vma.vm_ops.fault
-        local = self.kernel._current                     # as in _fault_in: the handler runs as this task
         for _ in range(MAX_FAULT_RETRIES):
-            prev = getattr(local, "task", None)
-            local.task = self
-            try:
-                ret = handler(VmFault(vma, addr, flags))
-            finally:
-                local.task = prev
+            ret = self._in_task(handler, VmFault(vma, addr, flags))
             if ret & VM_FAULT_RETRY:
                 flags |= FAULT_FLAG_TRIED
                 self.kernel.schedule()
