@@ -56,9 +56,17 @@ def run_leaf(fn, *a) -> object:
         return type(f).__name__
 
 
-def build(rng: random.Random, batch: bool, bad: set[int], wait: bool = True):
+def listed(data: bytes, lo: int, hi: int) -> list:
+    """Pages ``lo..hi`` of ``data`` as a list of one page each, of the kinds a source page comes as
+    (bytes, a RAM bytearray, a memoryview)."""
+    kinds = (bytes, bytearray, memoryview)
+    return [kinds[j % 3](data[j * PAGE_SIZE:(j + 1) * PAGE_SIZE]) for j in range(lo, hi)]
+
+
+def build(rng: random.Random, batch: bool, bad: set[int], wait: bool = True, pages_list: bool = False):
     """An enclave: ECREATE at page 0, then EADD+EEXTEND of random pages; ``bad`` holds page numbers of the
-    work list that are made invalid (already valid destination, outside the enclave) to force stops."""
+    work list that are made invalid (already valid destination, outside the enclave) to force stops.
+    ``pages_list``: the batch gets its source as one buffer per page instead of one buffer."""
     proc, bm = machine()
     assert bm.ecreate(Secs(size=1 << 22, base=ENCL_BASE, ssa_frame_size=1, attributes=4, xfrm=3), epc(0)) == 0
     n = rng.randint(1, 120)
@@ -76,8 +84,8 @@ def build(rng: random.Random, batch: bool, bad: set[int], wait: bool = True):
     i = 0
     while i < n:
         if batch:
-            k = eadd_batch(proc.lp(0), 0, np.array(dest[i:]), np.array(offs[i:]), REG_RW, data[i * PAGE_SIZE:],
-                           measure, wait=wait)
+            src = listed(data, i, n) if pages_list else data[i * PAGE_SIZE:]
+            k = eadd_batch(proc.lp(0), 0, np.array(dest[i:]), np.array(offs[i:]), REG_RW, src, measure, wait=wait)
             results.append(("batch", k))
             i += k
             if i >= n:
@@ -92,28 +100,32 @@ def build(rng: random.Random, batch: bool, bad: set[int], wait: bool = True):
     return proc, bm, dest, [r for r in results if r[0] == "eadd"]
 
 
+@pytest.mark.parametrize("pages_list", [False, True], ids=["one-buffer", "page-list"])
 @pytest.mark.parametrize("seed", range(10))
-def test_eadd_batch_equals_eadd_and_eextend_per_page(seed):
+def test_eadd_batch_equals_eadd_and_eextend_per_page(seed, pages_list):
     rng = random.Random(seed)
     bad = set(random.Random(seed + 100).sample(range(120), random.Random(seed).randint(0, 3)))
-    a, _, _, ra = build(random.Random(seed), True, bad)
+    a, _, _, ra = build(random.Random(seed), True, bad, pages_list=pages_list)
     b, _, _, rb = build(random.Random(seed), False, bad)
     assert state(a) == state(b)
     assert [r for r in ra if r[1] != 0] == [r for r in rb if r[1] != 0]
     del rng
 
 
+@pytest.mark.parametrize("pages_list", [False, True], ids=["one-buffer", "page-list"])
 @pytest.mark.parametrize("seed", range(8))
-def test_eadd_batch_in_chunks_hashed_in_the_background_equals_per_page(seed, monkeypatch):
-    """Records built chunk by chunk into reused buffers, each chunk hashed on a worker thread, the last one
-    perhaps still hashing when eadd_batch returns (wait=False; the next leaf's update waits for it): the
-    same EPC, EPCM and MRENCLAVE as the per-page leaves."""
+def test_eadd_batch_in_chunks_hashed_in_the_background_equals_per_page(seed, pages_list, monkeypatch):
+    """Records built chunk by chunk into reused buffers (a listed source copied chunk by chunk into a
+    reused gather buffer first), each chunk hashed on a worker thread, the last one perhaps still hashing
+    when eadd_batch returns (wait=False; the next leaf's update waits for it): the same EPC, EPCM and
+    MRENCLAVE as the per-page leaves."""
     from vepc.silicon.leaves import build_batch
 
     monkeypatch.setattr(build_batch, "_CHUNK", random.Random(seed).randint(1, 9))
+    monkeypatch.setattr(build_batch, "_FIRST_CHUNK", random.Random(seed + 1).randint(1, 9))
     monkeypatch.setattr(build_batch, "_PARALLEL_PAGES", 2)
     bad = set(random.Random(seed + 100).sample(range(120), random.Random(seed).randint(0, 2)))
-    a, _, _, ra = build(random.Random(seed), True, bad, wait=bool(seed % 2))
+    a, _, _, ra = build(random.Random(seed), True, bad, wait=bool(seed % 2), pages_list=pages_list)
     b, _, _, rb = build(random.Random(seed), False, bad)
     assert state(a) == state(b)
     assert [r for r in ra if r[1] != 0] == [r for r in rb if r[1] != 0]

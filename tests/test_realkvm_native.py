@@ -74,6 +74,7 @@ def test_compiled_server_copies_the_source_page_into_a_missing_page():
 @needs_cc
 def test_compiled_server_reports_a_bad_descriptor_as_oserror():
     server = CompiledUffdServer(-1, minor=True).start()          # read(-1) -> EBADF
+    server._thread.join(5)          # it fails on its own; a stop before its first read would end it cleanly
     with pytest.raises(OSError) as e:
         server.stop()
     assert e.value.errno == errno.EBADF

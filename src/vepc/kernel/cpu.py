@@ -95,9 +95,10 @@ class HostCpu:
     def write_phys(self, addr: int, data: bytes) -> None:
         self._mem.write(addr, data)  # type: ignore[arg-type]
 
-    def read_phys_pages(self, addrs: list[int]) -> bytes:
-        """:meth:`read_phys` of the whole page at each address, joined."""
-        return self._mem.read_pages(addrs)
+    def read_phys_pages(self, addrs: list[int]) -> list:
+        """:meth:`read_phys` of the whole page at each address, as one bytes-like per page (RAM not
+        copied: :meth:`vepc.silicon.memory.PhysicalMemory.pages`)."""
+        return self._mem.pages(addrs)
 
     def kick_enclave_threads(self, secs_phys: int) -> int:
         index = self.processor.layout.index_of(secs_phys)
@@ -125,7 +126,7 @@ class HostCpu:
             and self.lp.inside is None
 
     def eadd_pages(self, secs_addr: int, page_addrs: np.ndarray, linaddrs: np.ndarray, secinfo_flags: int,
-                   contents: bytes, measure: bool, rbx_after: int = 0, wait: bool = True) -> int:
+                   contents, measure: bool, rbx_after: int = 0, wait: bool = True) -> int:
         """EADD (and, with ``measure``, the 16 EEXTENDs) of many PT_REG pages in order through
         :func:`vepc.silicon.leaves.build_batch.eadd_batch`: how many leading pages were added (0 when the
         batch cannot stand in for the leaves). RBX ends as ``rbx_after`` (what the last leaf got). With

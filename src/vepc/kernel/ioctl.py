@@ -334,13 +334,13 @@ def _add_pages_batch(drv: "EnclaveDriver", encl: Encl, proc: Process, src: int, 
     n = len(phys)
     if n < 2:
         return 0
-    contents = cpu.read_phys_pages(phys)
-    return _add_pages_run(drv, encl, cpu, offset, base_index, phys, contents, secinfo, flags)
+    return _add_pages_run(drv, encl, cpu, offset, base_index, phys, cpu.read_phys_pages(phys), secinfo, flags)
 
 
 def _add_pages_run(drv: "EnclaveDriver", encl: Encl, cpu, offset: int, base_index: int, phys: list[int],
-                   contents: bytes, secinfo: Secinfo, flags: int) -> int:
-    """The rest of :func:`_add_pages_batch` once the ``len(phys)`` source pages are in ``contents``."""
+                   contents: list, secinfo: Secinfo, flags: int) -> int:
+    """The rest of :func:`_add_pages_batch` with the ``len(phys)`` source pages (``contents``, one
+    bytes-like each)."""
     n = len(phys)
     va_at = _va_page_positions(encl, n)
     # Allocation in the loop's order: each page's EPC page, then (every 512th) its VA page.

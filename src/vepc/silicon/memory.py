@@ -316,20 +316,20 @@ class PhysicalMemory:
             size -= n
         return bytes(out)
 
-    def read_pages(self, addrs: list[int]) -> bytes:
-        """The 4 KiB pages at the page-aligned ``addrs``, in order, as one bytes object: what :meth:`read`
-        of each page joined gives (one ``join``: a copy per page, no Python loop over them).
+    def pages(self, addrs: list[int]) -> list:
+        """The 4 KiB pages at the page-aligned ``addrs``, in order, each as a bytes-like of 4096 bytes:
+        what :meth:`read` of each page gives, without copying RAM (a RAM page is its live buffer, an
+        unwritten one the zero page), for a consumer that copies them once (the EADD batch).
 
         >>> mem = PhysicalMemory(EpcLayout((EpcSection(PhysAddr(0x80000000), 0x1000),)))
         >>> mem.write(PhysAddr(0x2000), b"ab")
-        >>> buf = mem.read_pages([0x2000, 0x80000000])
-        >>> len(buf), buf[:2], buf[4096:4098]
-        (8192, b'ab', b'\\xff\\xff')
+        >>> [bytes(p[:2]) for p in mem.pages([0x2000, 0x3000, 0x80000000])]
+        [b'ab', b'\\x00\\x00', b'\\xff\\xff']
         """
         if self.external or self.layout.contains_any(addrs):
-            return b"".join([self.read(PhysAddr(a), PAGE_SIZE) for a in addrs])
-        ram = self.ram
-        return b"".join([ram.get(a >> PAGE_SHIFT, ZERO_PAGE) for a in addrs])
+            return [self.read(PhysAddr(a), PAGE_SIZE) for a in addrs]
+        get = self.ram.get
+        return [get(a >> PAGE_SHIFT, ZERO_PAGE) for a in addrs]
 
     def write(self, addr: PhysAddr, data: bytes) -> None:
         view = memoryview(data)
