@@ -523,9 +523,11 @@ def sc_add_pages_edges(rng: random.Random, out: dict) -> None:
 
 
 @pytest.mark.parametrize("seed", range(N_CASES))
-def test_add_pages_batch_equals_the_loop_at_va_boundaries_holes_overlaps_and_low_pools(seed, monkeypatch):
+def test_add_pages_batch_equals_the_loop_at_va_boundaries_holes_overlaps_and_low_pools(seed, hash_backend,
+                                                                                      monkeypatch):
     from vepc.kernel import ioctl
 
+    monkeypatch.setattr(ioctl, "ADD_PAGES_BATCH", random.Random(seed).choice([2, 7, 300, 512, 2048]))
     added = []
     real = ioctl._add_pages_batch
     monkeypatch.setattr(ioctl, "_add_pages_batch", lambda *a: added.append(real(*a)) or added[-1])
@@ -534,7 +536,7 @@ def test_add_pages_batch_equals_the_loop_at_va_boundaries_holes_overlaps_and_low
 
 
 @pytest.mark.parametrize("seed", range(N_CASES))
-def test_add_pages_with_measure_equals_eextend_leaf_by_leaf(seed):
+def test_add_pages_with_measure_equals_eextend_leaf_by_leaf(seed, hash_backend):
     a, _ = both(sc_add_pages, seed)
     assert a["results"][0] == 0 and a["results"][2] == 0
 

@@ -102,7 +102,7 @@ def build(rng: random.Random, batch: bool, bad: set[int], wait: bool = True, pag
 
 @pytest.mark.parametrize("pages_list", [False, True], ids=["one-buffer", "page-list"])
 @pytest.mark.parametrize("seed", range(10))
-def test_eadd_batch_equals_eadd_and_eextend_per_page(seed, pages_list):
+def test_eadd_batch_equals_eadd_and_eextend_per_page(seed, pages_list, hash_backend):
     rng = random.Random(seed)
     bad = set(random.Random(seed + 100).sample(range(120), random.Random(seed).randint(0, 3)))
     a, _, _, ra = build(random.Random(seed), True, bad, pages_list=pages_list)
@@ -114,7 +114,7 @@ def test_eadd_batch_equals_eadd_and_eextend_per_page(seed, pages_list):
 
 @pytest.mark.parametrize("pages_list", [False, True], ids=["one-buffer", "page-list"])
 @pytest.mark.parametrize("seed", range(8))
-def test_eadd_batch_in_chunks_hashed_in_the_background_equals_per_page(seed, pages_list, monkeypatch):
+def test_eadd_batch_in_chunks_hashed_in_the_background_equals_per_page(seed, pages_list, hash_backend, monkeypatch):
     """Records built chunk by chunk into reused buffers (a listed source copied chunk by chunk into a
     reused gather buffer first), each chunk hashed on a worker thread, the last one perhaps still hashing
     when eadd_batch returns (wait=False; the next leaf's update waits for it): the same EPC, EPCM and

@@ -137,14 +137,14 @@ class Sizes:
 
 
 FULL = Sizes(repeats=7, touch_pages=1 << 15, prealloc=64 << 30, enclave=64 << 20, ewb=64 << 20,
-             ioctl_enclave=4 << 20, prealloc_per_page=256 << 20, memory_epc=("1G", "16G"),
+             ioctl_enclave=16 << 20, prealloc_per_page=256 << 20, memory_epc=("1G", "16G"),
              scale_epc=("1G", "64G", "512G"), scale_pages=1 << 14, scale_vms=64,
              scale_vm_epc=32 << 20, boot_big="512G", boot_big_time=10.0, boot_big_rss=4 << 30, vms=64,
              vm_epc="8G", vms_time=30.0, boot_huge="1T", timeout=180.0)
 #: Small enough for CI (seconds), large enough that fixed per-call costs do not dominate: the ratios of a
 #: quick run are meant to stay within 25% of the full run's ([Speed] issue).
 QUICK = Sizes(repeats=5, touch_pages=16384, prealloc=16 << 30, enclave=64 << 20, ewb=32 << 20,
-              ioctl_enclave=4 << 20, prealloc_per_page=64 << 20, memory_epc=("1G", "4G"),
+              ioctl_enclave=16 << 20, prealloc_per_page=64 << 20, memory_epc=("1G", "4G"),
               scale_epc=("128M", "512M", "2G"), scale_pages=4096, scale_vms=8,
               scale_vm_epc=4 << 20, boot_big="1G", boot_big_time=10.0, boot_big_rss=4 << 30, vms=2,
               vm_epc="4M", vms_time=30.0, boot_huge="4G", timeout=120.0)

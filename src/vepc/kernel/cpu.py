@@ -19,6 +19,7 @@ from typing import Protocol
 import numpy as np
 
 from vepc.arch.constants import PAGE_SIZE, Leaf
+from vepc.silicon import native_measure
 from vepc.silicon.processor import Processor
 
 __all__ = ["KernelCpu", "HostCpu", "eextend_page", "eremove_batch", "EMPTY_RESULTS"]
@@ -121,9 +122,13 @@ class HostCpu:
         return not self.processor.trace_encls and all(table.get(leaf) is own[leaf] for leaf in leaves)
 
     def eadd_pages_ready(self) -> bool:
-        """Whether :meth:`eadd_pages` can run now (asked before the kernel commits to a batch)."""
-        return self._leaves_are_silicon(Leaf.EADD, Leaf.EEXTEND) and self.processor.sgx_enabled() \
+        """Whether :meth:`eadd_pages` can run now (asked before the kernel commits to a batch); when it
+        can, the measurement's worker is told that pages come (:func:`vepc.silicon.native_measure.warm`)."""
+        ready = self._leaves_are_silicon(Leaf.EADD, Leaf.EEXTEND) and self.processor.sgx_enabled() \
             and self.lp.inside is None
+        if ready:
+            native_measure.warm()
+        return ready
 
     def eadd_pages(self, secs_addr: int, page_addrs: np.ndarray, linaddrs: np.ndarray, secinfo_flags: int,
                    contents, measure: bool, rbx_after: int = 0, wait: bool = True) -> int:

@@ -270,7 +270,7 @@ def sgx_encl_add_page(drv: "EnclaveDriver", encl: Encl, src: int, offset: int, s
 
 #: Pages per batch of ADD_PAGES (bounds the source copy; two batches let one's measurement run beside the
 #: next one's bookkeeping).
-ADD_PAGES_BATCH = 512
+ADD_PAGES_BATCH = 2048
 
 
 def _va_page_positions(encl: Encl, n: int) -> list[int]:

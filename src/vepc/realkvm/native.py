@@ -17,12 +17,12 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
-import shutil
 import tempfile
 import threading
 from pathlib import Path
 
-from vepc.realkvm.guest import GuestBuildError, _run, cache_dir, publish
+from vepc.native import compiler, publish
+from vepc.realkvm.guest import GuestBuildError, _run, cache_dir
 
 __all__ = ["compiler_available", "build_uffd_server", "CompiledUffdServer", "NativeBuildError"]
 
@@ -32,13 +32,9 @@ _CFLAGS = ["-O2", "-shared", "-fPIC", "-std=gnu11", "-Wall", "-Werror"]
 NativeBuildError = GuestBuildError
 
 
-def _compiler() -> str | None:
-    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-
-
 def compiler_available() -> tuple[bool, str]:
     """``(True, "")`` when a C compiler is on PATH (``$CC``, ``cc`` or ``gcc``), else ``(False, reason)``."""
-    if _compiler() is None:
+    if compiler() is None:
         return False, "no C compiler found (cc, gcc or $CC): the compiled userfaultfd server is not built"
     return True, ""
 
@@ -47,7 +43,7 @@ def build_uffd_server(cache: Path | None = None) -> ctypes.CDLL:
     """The server library (built now, or the cached build of the same source and flags).
 
     Example: ``build_uffd_server().vepc_uffd_serve`` → the C entry point."""
-    cc = _compiler()
+    cc = compiler()
     if cc is None:
         raise NativeBuildError(compiler_available()[1])
     text = _SOURCE.read_bytes()

@@ -16,6 +16,8 @@ import threading
 from dataclasses import dataclass, field
 from typing import Callable
 
+from vepc.silicon.native_measure import new_sha256
+
 __all__ = ["SecsState", "Measurement"]
 
 
@@ -56,21 +58,30 @@ class Measurement:
     (True, False)
     """
 
-    __slots__ = ("_sha", "_pending", "_idle", "_error")
+    __slots__ = ("_sha", "_pending", "_idle", "_error", "_queued")
 
     def __init__(self) -> None:
-        self._sha = hashlib.sha256()
+        self._sha = new_sha256()
+        self._queued = 0                                   # jobs given to the compiled hash's worker
         self._pending = 0
         self._idle: threading.Condition | None = None     # made on the first background update
         self._error: BaseException | None = None
 
     @property
+    def compiled(self) -> bool:
+        """Whether the hash is the compiled helper's, which absorbs pages in place (``absorb_pages``)."""
+        return hasattr(self._sha, "absorb_pages")
+
+    @property
     def busy(self) -> bool:
         """Whether background updates are queued or running."""
-        return self._pending > 0
+        return self._pending > 0 or (self._queued > 0 and not self.done(self._queued))
 
-    def wait(self) -> None:
-        """Wait until every background update has run (re-raising the first error of one)."""
+    def done(self, job: int) -> bool:
+        """Whether job number ``job`` of :meth:`absorb_pages` has run (its buffers are free again)."""
+        return self._sha.completed() >= job
+
+    def _wait_jobs(self) -> None:
         idle = self._idle
         if idle is not None and self._pending:
             with idle:
@@ -78,6 +89,25 @@ class Measurement:
         if self._error is not None:
             error, self._error = self._error, None
             raise error
+
+    def wait(self) -> None:
+        """Wait until every background update has run (re-raising the first error of one)."""
+        self._wait_jobs()
+        if self._queued:
+            self._sha.wait()
+
+    def absorb_pages(self, pages, offsets, secinfo48: bytes, measure: bool, background: bool) -> int:
+        """With the compiled hash: the EADD (and with ``measure`` EEXTEND) blocks of the pages ``pages``
+        (n x 4096 bytes) at enclave offsets ``offsets`` (int64), after the updates queued before; with
+        ``background`` on the helper's own thread, which needs no GIL between jobs (a Python worker waits
+        for the GIL after each job while the kernel's bookkeeping holds it). The buffers must stay as
+        they are until :meth:`done` of the returned job number (0: ran here)."""
+        self._wait_jobs()
+        if not background:
+            self._sha.absorb_pages(pages, offsets, secinfo48, measure)
+            return 0
+        self._queued = self._sha.absorb_pages_async(pages, offsets, secinfo48, measure)
+        return self._queued
 
     def absorb(self, fn: Callable[["hashlib._Hash"], None], background: bool = False) -> None:
         """Run ``fn(sha)`` (it feeds the hash what the leaves would, in order) after the updates queued

@@ -19,6 +19,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from vepc.native import publish
+
 __all__ = ["GuestImage", "build_guest", "binutils_available", "cache_dir", "GuestBuildError"]
 
 _HERE = Path(__file__).resolve().parent
@@ -123,13 +125,3 @@ def build_guest(name: str = "guest", cache: Path | None = None) -> GuestImage:
     publish(bin_path, code)
     publish(sym_path, json.dumps(symbols, sort_keys=True).encode())
     return GuestImage(name, code, symbols, digest)
-
-
-def publish(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (a temporary file renamed over it): concurrent builders
-    (pytest -n) never see a half-written file. Example: ``publish(cache_dir() / "x.bin", b"...")``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_path = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp_path, path)

@@ -29,6 +29,7 @@ import numpy as np
 
 from vepc.arch.constants import PAGE_SIZE, SECINFO_RESERVED_MASK, Leaf, PageType
 from vepc.arch.structs import Secinfo
+from vepc.silicon import native_measure
 from vepc.silicon.epcm import PT_MASK, PT_SHIFT, RWX_SHIFT, VALID
 from vepc.silicon.leaves.build import _EEXTEND_BLOCK, EADD_TAG, EEXTEND_TAG
 
@@ -53,16 +54,23 @@ _FREE_RECORDS: dict[int, list[np.ndarray]] = {64: [], MEASURE_BLOCK_BYTES: []}
 #: Buffers the pages of a listed source are copied into, not in use: reused, so a batch faults no fresh
 #: memory in (a fresh 2 MiB bytes measured ~7x slower to fill than a reused one on the 2-core machine).
 _FREE_GATHER: list[np.ndarray] = []
+#: Gather buffers the compiled hash still reads: (buffer, measurement, job number).
+_LENT: list[tuple[np.ndarray, object, int]] = []
+_GATHER_LOCK = threading.RLock()
 #: Gather buffers up to this many pages are kept (the kernel's ADD_PAGES batches); bigger ones are freed.
 _KEEP_GATHER_PAGES = 2048
 
 
 def _take_gather(n: int) -> np.ndarray:
     """A gather buffer of at least ``n`` pages (n x 4096 uint8 rows)."""
-    while _FREE_GATHER:
-        buf = _FREE_GATHER.pop()
-        if len(buf) >= n:
-            return buf
+    with _GATHER_LOCK:
+        for lent in [x for x in _LENT if x[1].done(x[2])]:     # the compiled hash is done with these
+            _LENT.remove(lent)
+            _give_back(lent[0])
+        while _FREE_GATHER:
+            buf = _FREE_GATHER.pop()
+            if len(buf) >= n:
+                return buf
     return np.empty((max(n, _CHUNK), PAGE_SIZE), dtype=np.uint8)
 
 
@@ -214,6 +222,8 @@ def eadd_batch(lp, secs_idx: int, idx: np.ndarray, offsets: np.ndarray, secinfo_
     idx = np.asarray(idx, dtype=np.int64)
     offsets = np.asarray(offsets, dtype=np.int64)
     n = len(idx)
+    if n >= _PARALLEL_PAGES:
+        native_measure.warm()                    # the hashing worker spins while the checks run
     sources = src if isinstance(src, list) else None
     if sources is None:
         src = np.frombuffer(memoryview(src).cast("B"), dtype=np.uint8)
@@ -252,41 +262,98 @@ def eadd_batch(lp, secs_idx: int, idx: np.ndarray, offsets: np.ndarray, secinfo_
     if not n:
         return 0
     with proc.lock:
-        gather = _take_gather(n) if sources is not None else None
-        pages = gather[:n] if gather is not None else src[:n * PAGE_SIZE].reshape(n, PAGE_SIZE)
         secinfo48 = np.frombuffer(Secinfo(secinfo_flags).pack()[:48], dtype=np.uint8)
-        store = proc.memory.epc
-        # The records are hashed chunk by chunk, in order; each chunk's records are built by whichever of
-        # the hashing thread and this one claims the chunk first, and this thread stores each chunk's
-        # contents, what EADD copies from SRCPGE, after its records. The source is read only until every
-        # chunk's records exist, which this call waits for.
-        chunks = _ChunkRecords(pages, offsets, secinfo48, measure, sources[:n] if sources is not None else None)
-
-        def store_chunk(lo: int, hi: int) -> None:
-            store.store_at(idx[lo:hi], pages[lo:hi])
-
-        try:
-            if n >= _PARALLEL_PAGES or not wait:
-                # A worker hashes the chunks in order as they are built (building those it reaches
-                # first), queued behind an earlier batch's hash, beside the stores here; with
-                # ``wait=False`` it may still be hashing when this returns (the records are built: the
-                # source and the gather buffer are free again).
-                st.measurement.absorb(chunks.hash_all, background=True)
-                chunks.build_and_store(store_chunk)
-                if wait:
-                    st.measurement.wait()
-            else:
-                chunks.build_and_store(store_chunk)
-                st.measurement.absorb(chunks.hash_all)
-        finally:
-            if gather is not None and len(gather) <= _KEEP_GATHER_PAGES and len(_FREE_GATHER) < _KEEP_RECORDS:
-                _FREE_GATHER.append(gather)
+        if st.measurement.compiled:
+            _store_and_measure_compiled(st.measurement, proc.memory.epc, idx, offsets, secinfo48, measure,
+                                        src, sources, wait)
+        else:
+            _store_and_measure(st.measurement, proc.memory.epc, idx, offsets, secinfo48, measure, src, sources,
+                               wait)
         # EPCM: valid PT_REG with the SECINFO's RWX, the SECS, ENCLAVEADDRESS as a page offset.
         epcm.flags[idx] = VALID | (int(PageType.REG) << PT_SHIFT) | ((secinfo_flags & 0x7) << RWX_SHIFT)
         epcm.secs[idx] = secs_idx
         epcm.offset[idx] = offsets >> 12
         st.child_count += n
     return n
+
+
+def _give_back(gather: np.ndarray) -> None:
+    with _GATHER_LOCK:
+        if len(gather) <= _KEEP_GATHER_PAGES and len(_FREE_GATHER) < _KEEP_RECORDS:
+            _FREE_GATHER.append(gather)
+
+
+def _store_and_measure(measurement, store, idx: np.ndarray, offsets: np.ndarray, secinfo48: np.ndarray,
+                       measure: bool, src, sources: list | None, wait: bool) -> None:
+    """EADD's copy of each page into EPC and MRENCLAVE's update with hashlib: through 5184-byte records
+    per page, built chunk by chunk by this thread or the hashing worker."""
+    n = len(idx)
+    gather = _take_gather(n) if sources is not None else None
+    pages = gather[:n] if gather is not None else src[:n * PAGE_SIZE].reshape(n, PAGE_SIZE)
+    # The records are hashed chunk by chunk, in order; each chunk's records are built by whichever of the
+    # hashing thread and this one claims the chunk first, and this thread stores each chunk's contents,
+    # what EADD copies from SRCPGE, after its records. The source is read only until every chunk's
+    # records exist, which this call waits for.
+    chunks = _ChunkRecords(pages, offsets, secinfo48, measure, sources[:n] if sources is not None else None)
+
+    def store_chunk(lo: int, hi: int) -> None:
+        store.store_at(idx[lo:hi], pages[lo:hi])
+
+    try:
+        if n >= _PARALLEL_PAGES or not wait:
+            # A worker hashes the chunks in order as they are built (building those it reaches first),
+            # queued behind an earlier batch's hash, beside the stores here; with ``wait=False`` it may
+            # still be hashing when this returns (the records are built: the source and the gather
+            # buffer are free again).
+            measurement.absorb(chunks.hash_all, background=True)
+            chunks.build_and_store(store_chunk)
+            if wait:
+                measurement.wait()
+        else:
+            chunks.build_and_store(store_chunk)
+            measurement.absorb(chunks.hash_all)
+    finally:
+        if gather is not None:
+            _give_back(gather)
+
+
+def _store_and_measure_compiled(measurement, store, idx: np.ndarray, offsets: np.ndarray, secinfo48: np.ndarray,
+                                measure: bool, src, sources: list | None, wait: bool) -> None:
+    """The same with the compiled hash (:mod:`vepc.silicon.native_measure`): no records; the hash reads
+    the pages in place, GIL released, on the worker beside the store. What it reads stays the batch's
+    own until it is done: the caller's buffer while the caller waits, else a private copy (a listed
+    source, or ``wait=False``: the caller may reuse its buffer, and the EPC pages may be written back as
+    soon as the kernel marks them reclaimable), which a later batch reuses once the hash is done."""
+    n = len(idx)
+    private = sources is not None or not wait
+    gather = _take_gather(n) if private else None
+    background = n >= _PARALLEL_PAGES or not wait
+    offs = np.ascontiguousarray(offsets, dtype=np.int64)
+    si = secinfo48.tobytes()
+    pages = gather[:n] if gather is not None else src[:n * PAGE_SIZE].reshape(n, PAGE_SIZE)
+    job = 0
+    # Piece by piece (a short first one): copy it in if private, then queue its hash, so the hash starts
+    # after the first piece's copy and runs beside the rest of the copies and the store.
+    lo = 0
+    while lo < n:
+        hi = min(n, lo + (_FIRST_CHUNK if not lo else _CHUNK))
+        if sources is not None:
+            native_measure.helper().gather(sources[lo:hi], pages[lo:hi])
+        elif gather is not None:
+            np.copyto(pages[lo:hi], src[lo * PAGE_SIZE:hi * PAGE_SIZE].reshape(hi - lo, PAGE_SIZE))
+        job = measurement.absorb_pages(pages[lo:hi], offs[lo:hi], si, measure, background)
+        lo = hi
+    if gather is not None:
+        with _GATHER_LOCK:
+            if job:
+                _LENT.append((gather, measurement, job))
+            else:
+                _give_back(gather)
+    try:
+        store.store_at(idx, pages)
+    finally:
+        if wait and background:
+            measurement.wait()
 
 
 def eextend_page(lp, idx: int, rbx: int = 0) -> bool:
