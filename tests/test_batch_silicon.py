@@ -123,7 +123,7 @@ def test_eadd_batch_in_chunks_hashed_in_the_background_equals_per_page(seed, pag
 
     monkeypatch.setattr(build_batch, "_CHUNK", random.Random(seed).randint(1, 9))
     monkeypatch.setattr(build_batch, "_FIRST_CHUNK", random.Random(seed + 1).randint(1, 9))
-    monkeypatch.setattr(build_batch, "_PARALLEL_PAGES", 2)
+    monkeypatch.setattr(build_batch, "PARALLEL_PAGES", 2)
     bad = set(random.Random(seed + 100).sample(range(120), random.Random(seed).randint(0, 2)))
     a, _, _, ra = build(random.Random(seed), True, bad, wait=bool(seed % 2), pages_list=pages_list)
     b, _, _, rb = build(random.Random(seed), False, bad)

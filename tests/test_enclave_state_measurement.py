@@ -102,7 +102,7 @@ def test_a_failing_record_build_in_the_eadd_batch_raises_instead_of_hanging(monk
         return real(pages, offsets, *a)
 
     monkeypatch.setattr(build_batch, "_records", records)
-    n = 300                                              # >= _PARALLEL_PAGES: the worker path
+    n = 300                                              # >= PARALLEL_PAGES: the worker path
     raised: list[BaseException] = []
 
     def batch() -> None:

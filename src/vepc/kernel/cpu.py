@@ -20,6 +20,7 @@ import numpy as np
 
 from vepc.arch.constants import PAGE_SIZE, Leaf
 from vepc.silicon import native_measure
+from vepc.silicon.leaves.build_batch import PARALLEL_PAGES
 from vepc.silicon.processor import Processor
 
 __all__ = ["KernelCpu", "HostCpu", "eextend_page", "eremove_batch", "EMPTY_RESULTS"]
@@ -121,12 +122,13 @@ class HostCpu:
         table = self.processor.leaves
         return not self.processor.trace_encls and all(table.get(leaf) is own[leaf] for leaf in leaves)
 
-    def eadd_pages_ready(self) -> bool:
-        """Whether :meth:`eadd_pages` can run now (asked before the kernel commits to a batch); when it
-        can, the measurement's worker is told that pages come (:func:`vepc.silicon.native_measure.warm`)."""
+    def eadd_pages_ready(self, pages: int = 0) -> bool:
+        """Whether :meth:`eadd_pages` can run now (asked before the kernel commits to a batch of ``pages``);
+        when it can and the batch is large, the measurement's worker is told that pages come
+        (:func:`vepc.silicon.native_measure.warm`: it spins a few ms instead of sleeping)."""
         ready = self._leaves_are_silicon(Leaf.EADD, Leaf.EEXTEND) and self.processor.sgx_enabled() \
             and self.lp.inside is None
-        if ready:
+        if ready and pages >= PARALLEL_PAGES:
             native_measure.warm()
         return ready
 

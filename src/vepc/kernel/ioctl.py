@@ -308,10 +308,8 @@ def _add_pages_batch(drv: "EnclaveDriver", encl: Encl, proc: Process, src: int, 
     kernel's scratch PAGEINFO/SECINFO and RBX end as the last page's leaves leave them."""
     cpu = drv.cpu
     ready = getattr(cpu, "eadd_pages_ready", None)
-    if ready is None or secinfo.flags & 0xFF00 != _SI_REG or not proc.alive or not ready():
-        return 0
     n = min(npages, ADD_PAGES_BATCH)
-    if n < 2:
+    if ready is None or n < 2 or secinfo.flags & 0xFF00 != _SI_REG or not proc.alive or not ready(n):
         return 0
     base_index = (encl.base + offset) >> PAGE_SHIFT
     if not encl.page_array.keys().isdisjoint(range(base_index, base_index + n)):

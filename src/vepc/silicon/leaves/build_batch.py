@@ -33,13 +33,13 @@ from vepc.silicon import native_measure
 from vepc.silicon.epcm import PT_MASK, PT_SHIFT, RWX_SHIFT, VALID
 from vepc.silicon.leaves.build import _EEXTEND_BLOCK, EADD_TAG, EEXTEND_TAG
 
-__all__ = ["eadd_batch", "eextend_page", "MEASURE_BLOCK_BYTES"]
+__all__ = ["eadd_batch", "eextend_page", "MEASURE_BLOCK_BYTES", "PARALLEL_PAGES"]
 
 #: Bytes SHA-256 absorbs per measured page: the EADD block and 16 x (EEXTEND block + 256 bytes).
 MEASURE_BLOCK_BYTES = 64 + 16 * (64 + 256)
-#: From this many pages a batch the caller waits for is hashed on a worker beside the stores (a thread
-#: costs ~50 us).
-_PARALLEL_PAGES = 256
+#: From this many pages a batch the caller waits for is hashed on a worker beside the stores (handing a
+#: job over and waking the worker costs tens of microseconds), and the worker is warned ahead.
+PARALLEL_PAGES = 256
 #: Pages per measurement record buffer (about 2.6 MiB measured): large updates, bounded memory.
 _CHUNK = 512
 #: The first chunk of a batch is smaller, so the hash starts after a short build instead of a full chunk's.
@@ -222,7 +222,7 @@ def eadd_batch(lp, secs_idx: int, idx: np.ndarray, offsets: np.ndarray, secinfo_
     idx = np.asarray(idx, dtype=np.int64)
     offsets = np.asarray(offsets, dtype=np.int64)
     n = len(idx)
-    if n >= _PARALLEL_PAGES:
+    if n >= PARALLEL_PAGES:
         native_measure.warm()                    # the hashing worker spins while the checks run
     sources = src if isinstance(src, list) else None
     if sources is None:
@@ -300,7 +300,7 @@ def _store_and_measure(measurement, store, idx: np.ndarray, offsets: np.ndarray,
         store.store_at(idx[lo:hi], pages[lo:hi])
 
     try:
-        if n >= _PARALLEL_PAGES or not wait:
+        if n >= PARALLEL_PAGES or not wait:
             # A worker hashes the chunks in order as they are built (building those it reaches first),
             # queued behind an earlier batch's hash, beside the stores here; with ``wait=False`` it may
             # still be hashing when this returns (the records are built: the source and the gather
@@ -327,7 +327,7 @@ def _store_and_measure_compiled(measurement, store, idx: np.ndarray, offsets: np
     n = len(idx)
     private = sources is not None or not wait
     gather = _take_gather(n) if private else None
-    background = n >= _PARALLEL_PAGES or not wait
+    background = n >= PARALLEL_PAGES or not wait
     offs = np.ascontiguousarray(offsets, dtype=np.int64)
     si = secinfo48.tobytes()
     pages = gather[:n] if gather is not None else src[:n * PAGE_SIZE].reshape(n, PAGE_SIZE)
@@ -343,15 +343,15 @@ def _store_and_measure_compiled(measurement, store, idx: np.ndarray, offsets: np
             np.copyto(pages[lo:hi], src[lo * PAGE_SIZE:hi * PAGE_SIZE].reshape(hi - lo, PAGE_SIZE))
         job = measurement.absorb_pages(pages[lo:hi], offs[lo:hi], si, measure, background)
         lo = hi
-    if gather is not None:
-        with _GATHER_LOCK:
-            if job:
-                _LENT.append((gather, measurement, job))
-            else:
-                _give_back(gather)
     try:
         store.store_at(idx, pages)
     finally:
+        if gather is not None:                 # lent only now: a buffer is reused once stored and hashed
+            with _GATHER_LOCK:
+                if job:
+                    _LENT.append((gather, measurement, job))
+                else:
+                    _give_back(gather)
         if wait and background:
             measurement.wait()
 
