@@ -37,7 +37,10 @@ _MARK = "<!-- the run this page was generated from; do not edit -->\n"
 
 
 def run_facts(quick: bool, repeats: int | None) -> dict:
-    """Where and how the run was made: mode, repeats, cores, memory, Python, date, commit."""
+    """Where and how the run was made: mode, repeats, cores, memory, Python, date, commit, and which
+    SHA-256 MRENCLAVE used (:func:`vepc.silicon.native_measure.status`)."""
+    from vepc.silicon import native_measure
+
     try:
         mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / (1 << 30)
     except (ValueError, OSError):
@@ -49,7 +52,7 @@ def run_facts(quick: bool, repeats: int | None) -> dict:
         commit = "unknown"
     return {"mode": "quick" if quick else "full", "repeats": repeats or (QUICK if quick else FULL).repeats,
             "cores": os.cpu_count(), "memory_gib": round(mem, 1), "python": platform.python_version(),
-            "date": date.today().isoformat(), "commit": commit}
+            "date": date.today().isoformat(), "commit": commit, "measure_hash": native_measure.status()}
 
 
 def _figures(run: dict) -> list[Figure]:
@@ -86,7 +89,8 @@ def _limits(run: dict) -> str:
 def _run_line(run: dict) -> str:
     r = run["run"]
     return (f"{r['mode']} run, {r['repeats']} repeats (medians), {r['cores']} cores, {r['memory_gib']} GiB, "
-            f"Python {r['python']}, {r['date']}, commit {r['commit']}")
+            f"Python {r['python']}, {r['date']}, commit {r['commit']}"
+            + (f", MRENCLAVE hash: {r['measure_hash']}" if r.get("measure_hash") else ""))
 
 
 def _profile(run: dict, name: str) -> str:
