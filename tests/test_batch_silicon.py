@@ -234,3 +234,51 @@ def test_eremove_batch_follows_per_page_order_for_valid_pages():
         ra = a.eremove_batch(a.lp(0), np.array(order)).tolist()
         rb = [bmb.eremove(epc(i)) for i in order]
         assert ra == rb and state(a) == state(b)
+
+
+def test_two_enclaves_built_at_once_in_batches_get_their_own_measurements(hash_backend, monkeypatch):
+    """Two threads build two enclaves with background batches from listed sources (one hash worker serves
+    both, gather buffers are lent and reused between them): each MRENCLAVE and EPC content is the one the
+    per-page leaves give."""
+    import threading
+
+    from vepc.silicon.leaves import build_batch
+
+    monkeypatch.setattr(build_batch, "PARALLEL_PAGES", 2)
+    proc = Processor(ProcessorConfig(sections=(EpcSection(PhysAddr(BASE), 1024 * PAGE_SIZE),)))
+    bm = BareMetal(proc)
+    ref_proc = Processor(ProcessorConfig(sections=(EpcSection(PhysAddr(BASE), 1024 * PAGE_SIZE),)))
+    ref = BareMetal(ref_proc)
+    rng = random.Random(9)
+    work = {}
+    for secs_page, first in ((0, 1), (512, 513)):
+        for b in (bm, ref):
+            assert b.ecreate(Secs(size=1 << 22, base=ENCL_BASE, ssa_frame_size=1, attributes=4, xfrm=3),
+                             epc(secs_page)) == 0
+        work[secs_page] = (first, rng.randbytes(400 * PAGE_SIZE))
+    errors: list[BaseException] = []
+
+    def build_one(secs_page: int) -> None:
+        try:
+            first, data = work[secs_page]
+            for lo in range(0, 400, 37):
+                hi = min(400, lo + 37)
+                assert eadd_batch(proc.lp(0), secs_page, np.arange(first + lo, first + hi),
+                                  np.arange(lo, hi) * PAGE_SIZE, REG_RW, listed(data, lo, hi), True,
+                                  wait=False) == hi - lo
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=build_one, args=(s,)) for s in work]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors and not any(t.is_alive() for t in threads)
+    for secs_page, (first, data) in work.items():
+        for i in range(400):
+            assert ref.eadd(epc(first + i), epc(secs_page), ENCL_BASE + i * PAGE_SIZE,
+                            data[i * PAGE_SIZE:(i + 1) * PAGE_SIZE], REG_RW) == 0
+            for c in range(16):
+                ref.eextend(epc(first + i) + 256 * c)
+    assert state(proc) == state(ref_proc)
