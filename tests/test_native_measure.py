@@ -185,3 +185,35 @@ def test_vepc_native_cache_dir_follows_the_environment(monkeypatch, tmp_path):
     assert native.cache_dir() == tmp_path
     monkeypatch.delenv("VEPC_CACHE_DIR")
     assert native.cache_dir().name == f"vepc-native-{os.getuid()}"
+
+
+def _child_wait(sha, q) -> None:
+    try:
+        sha.wait()
+        q.put(("digest", sha.digest()))
+    except ValueError as e:
+        q.put(("error", str(e)))
+
+
+@needs_helper
+def test_a_fork_during_a_job_leaves_the_child_an_error_not_a_hang():
+    """A job running when the process forks is half done in the child: its hash counts as failed there
+    (the child's wait raises), and the parent's result is unaffected."""
+    import time
+
+    pages = np.zeros((8192, 4096), dtype=np.uint8)
+    offsets = np.arange(8192, dtype=np.int64) * 4096
+    sha = helper.sha256()
+    sha.absorb_pages_async(pages, offsets, bytes(48), True)
+    time.sleep(0.005)                                     # the worker is inside the job
+    ctx = multiprocessing.get_context("fork")
+    q = ctx.Queue()
+    child = ctx.Process(target=_child_wait, args=(sha, q))
+    child.start()
+    child.join(60)
+    assert child.exitcode == 0, "the child hung or failed"
+    kind, value = q.get(timeout=5)
+    ref = records_digest(pages, offsets, bytes(48), True)
+    assert (kind, value) in {("error", "the process forked while this hash absorbed pages: its state is lost"),
+                             ("digest", ref)}
+    assert sha.digest() == ref

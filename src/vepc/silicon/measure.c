@@ -38,7 +38,7 @@ typedef struct {
 	PyObject_HEAD
 	EVP_MD_CTX *ctx;
 	long queued, completed; /* absorb_pages_async jobs (under queue_lock) */
-	int failed;
+	int failed; /* 1: libcrypto failed, 2: a fork interrupted a job (this is the child) */
 } Sha256;
 
 /* -- the worker: one pthread, no Python in it, runs absorb_pages_async jobs in order ------------------ */
@@ -52,7 +52,7 @@ typedef struct job {
 
 static pthread_mutex_t queue_lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t work_cv = PTHREAD_COND_INITIALIZER, done_cv = PTHREAD_COND_INITIALIZER;
-static Job *pending_head, *pending_tail, *finished;
+static Job *pending_head, *pending_tail, *finished, *running;
 static int worker_running;
 /* Waking a sleeping thread on the other vCPU measured ~0.4 ms on the 2-core PVM machine (a batch's hash
  * of 128 pages): the worker spins (lock released) until spin_until before it sleeps, after each job and
@@ -215,10 +215,12 @@ static void *worker_main(void *unused)
 		pending_head = j->next;
 		if (!pending_head)
 			pending_tail = NULL;
+		running = j;
 		pthread_mutex_unlock(&queue_lock);
 		int ok = j->sha->failed ? 1 : absorb(j->sha->ctx, j->pages.buf, j->offsets.buf,
 						     (size_t)j->offsets.len / 8, j->secinfo, j->measure);
 		pthread_mutex_lock(&queue_lock);
+		running = NULL;
 		if (!ok)
 			j->sha->failed = 1;
 		j->sha->completed++;
@@ -234,11 +236,19 @@ static void *worker_main(void *unused)
 
 static void after_fork_child(void)
 {
-	/* the worker does not exist in a fork's child: the next job or wait starts one */
+	/* The worker does not exist in a fork's child: the next job or wait starts one. A job it was running
+	 * at the fork left that hash half-updated: it counts as failed (its wait raises), not as pending. */
 	pthread_mutex_init(&queue_lock, NULL);
 	pthread_cond_init(&work_cv, NULL);
 	pthread_cond_init(&done_cv, NULL);
 	worker_running = 0;
+	if (running) {
+		running->sha->failed = 2;
+		running->sha->completed++;
+		running->next = finished;
+		finished = running;
+		running = NULL;
+	}
 }
 
 /* Under queue_lock: the worker runs (started if need be). 0, or an errno. */
@@ -311,8 +321,12 @@ static int drain(Sha256 *s)
 		return -1;
 	}
 	if (s->failed) {
+		int why = s->failed;
 		s->failed = 0;
-		evp_error("EVP_DigestUpdate");
+		if (why == 2)
+			PyErr_SetString(PyExc_ValueError, "the process forked while this hash absorbed pages: its state is lost");
+		else
+			evp_error("EVP_DigestUpdate");
 		return -1;
 	}
 	return 0;
