@@ -217,3 +217,24 @@ def test_a_fork_during_a_job_leaves_the_child_an_error_not_a_hang():
     assert (kind, value) in {("error", "the process forked while this hash absorbed pages: its state is lost"),
                              ("digest", ref)}
     assert sha.digest() == ref
+
+
+@needs_helper
+def test_a_damaged_cached_build_is_rebuilt(tmp_path):
+    first, damaged = tmp_path / "a", tmp_path / "b"
+    native.build_extension("_vepc_measure", native_measure._SOURCE, ("-l:libcrypto.so.3",), cache=first)
+    (built,) = first.iterdir()
+    damaged.mkdir()
+    (damaged / built.name).write_bytes(b"not an ELF file")   # the entry's name, never loaded, damaged
+    again = native.build_extension("_vepc_measure", native_measure._SOURCE, ("-l:libcrypto.so.3",), cache=damaged)
+    assert again.sha256().digest() == hashlib.sha256().digest()
+    assert (damaged / built.name).read_bytes() == built.read_bytes()
+
+
+def test_an_unwritable_cache_is_reported_in_one_line(tmp_path, monkeypatch):
+    if native.compiler() is None:
+        pytest.skip("no C compiler")
+    blocker = tmp_path / "file"
+    blocker.write_text("x")                                # a file where the cache directory should be
+    with pytest.raises(native.NativeUnavailable, match="cannot keep the build of measure.c"):
+        native.build_extension("_vepc_measure", native_measure._SOURCE, ("-l:libcrypto.so.3",), cache=blocker / "c")

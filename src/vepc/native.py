@@ -76,25 +76,40 @@ def build_extension(name: str, source: Path, libs: tuple[str, ...] = (), cache: 
     key = "\0".join([os.path.basename(cc), *_CFLAGS, *libs, sys.version, include]).encode() + b"\0" + text
     suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
     path = (cache or cache_dir()) / f"{name}-{hashlib.sha256(key).hexdigest()[:20]}{suffix}"
-    if not path.is_file():
-        with tempfile.TemporaryDirectory(prefix="vepc-native-") as tmp:
-            out = os.path.join(tmp, name + suffix)
-            argv = [cc, *_CFLAGS, f"-I{include}", "-o", out, str(source), *libs]
-            try:
-                done = subprocess.run(argv, cwd=tmp, capture_output=True, text=True, timeout=COMPILE_TIMEOUT,
-                                      check=False)
-            except (OSError, subprocess.TimeoutExpired) as e:
-                raise NativeUnavailable(f"{cc} could not build {source.name}: {e}") from None
-            if done.returncode:
-                first = (done.stderr.strip().splitlines() or ["(no message)"])[-1]
-                raise NativeUnavailable(f"{cc} could not build {source.name}: {first}")
+    if path.is_file():
+        try:
+            return _load(name, path)
+        except NativeUnavailable:
+            pass                                         # a damaged cache entry is rebuilt
+    _compile(cc, include, source, libs, path, name + suffix)
+    return _load(name, path)
+
+
+def _compile(cc: str, include: str, source: Path, libs: tuple[str, ...], path: Path, filename: str) -> None:
+    with tempfile.TemporaryDirectory(prefix="vepc-native-") as tmp:
+        out = os.path.join(tmp, filename)
+        argv = [cc, *_CFLAGS, f"-I{include}", "-o", out, str(source), *libs]
+        try:
+            done = subprocess.run(argv, cwd=tmp, capture_output=True, text=True, timeout=COMPILE_TIMEOUT,
+                                  check=False)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            raise NativeUnavailable(f"{cc} could not build {source.name}: {e}") from None
+        if done.returncode:
+            first = (done.stderr.strip().splitlines() or ["(no message)"])[-1]
+            raise NativeUnavailable(f"{cc} could not build {source.name}: {first}")
+        try:
             publish(path, Path(out).read_bytes())
+        except OSError as e:
+            raise NativeUnavailable(f"cannot keep the build of {source.name} in {path.parent}: {e}") from None
+
+
+def _load(name: str, path: Path) -> ModuleType:
     spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:
         raise NativeUnavailable(f"{path} is not a loadable extension")
-    module = importlib.util.module_from_spec(spec)
     try:
+        module = importlib.util.module_from_spec(spec)          # dlopen happens here for an extension
         spec.loader.exec_module(module)
-    except ImportError as e:
+    except (ImportError, OSError) as e:
         raise NativeUnavailable(f"{path}: {e}") from None
     return module

@@ -50,6 +50,8 @@ def helper() -> ModuleType | None:
                         break
                     except NativeUnavailable as e:
                         why = str(e)
+                    except Exception as e:        # never let the helper stop an enclave being built
+                        why = f"{type(e).__name__}: {e}"
             _state["why"] = "" if module is not None else why
             _state["module"] = module
     return _state["module"]  # type: ignore[return-value]
