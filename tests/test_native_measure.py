@@ -159,6 +159,7 @@ def test_the_helper_can_be_turned_off(monkeypatch):
 
 def test_without_a_compiler_the_hash_falls_back_to_hashlib_and_says_why(monkeypatch, tmp_path):
     monkeypatch.setattr(native_measure, "_state", {})
+    monkeypatch.delenv("VEPC_NATIVE", raising=False)
     monkeypatch.setenv("VEPC_CACHE_DIR", str(tmp_path))             # nothing cached to load instead
     monkeypatch.setattr(native, "compiler", lambda: None)
     assert native_measure.helper() is None
