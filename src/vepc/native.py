@@ -95,8 +95,8 @@ def _compile(cc: str, include: str, source: Path, libs: tuple[str, ...], path: P
         except (OSError, subprocess.TimeoutExpired) as e:
             raise NativeUnavailable(f"{cc} could not build {source.name}: {e}") from None
         if done.returncode:
-            first = (done.stderr.strip().splitlines() or ["(no message)"])[-1]
-            raise NativeUnavailable(f"{cc} could not build {source.name}: {first}")
+            last = (done.stderr.strip().splitlines() or ["(no message)"])[-1]
+            raise NativeUnavailable(f"{cc} could not build {source.name}: {last}")
         try:
             publish(path, Path(out).read_bytes())
         except OSError as e:
