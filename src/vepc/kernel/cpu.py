@@ -20,7 +20,7 @@ import numpy as np
 
 from vepc.arch.constants import PAGE_SIZE, Leaf
 from vepc.silicon import native_measure
-from vepc.silicon.leaves.build_batch import PARALLEL_PAGES
+from vepc.silicon.leaves import build_batch
 from vepc.silicon.processor import Processor
 
 __all__ = ["KernelCpu", "HostCpu", "eextend_page", "eremove_batch", "EMPTY_RESULTS"]
@@ -128,7 +128,7 @@ class HostCpu:
         (:func:`vepc.silicon.native_measure.warm`: it spins a few ms instead of sleeping)."""
         ready = self._leaves_are_silicon(Leaf.EADD, Leaf.EEXTEND) and self.processor.sgx_enabled() \
             and self.lp.inside is None
-        if ready and pages >= PARALLEL_PAGES:
+        if ready and pages >= build_batch.PARALLEL_PAGES:
             native_measure.warm()
         return ready
 
@@ -139,8 +139,6 @@ class HostCpu:
         batch cannot stand in for the leaves). RBX ends as ``rbx_after`` (what the last leaf got). With
         ``wait=False`` MRENCLAVE may still be absorbing the pages: :meth:`eadd_pages_wait` before returning
         to the caller's caller."""
-        from vepc.silicon.leaves.build_batch import eadd_batch
-
         if not self._leaves_are_silicon(Leaf.EADD, Leaf.EEXTEND):
             return 0
         proc = self.processor
@@ -149,7 +147,8 @@ class HostCpu:
         if secs_idx < 0 or secs_idx not in proc.enclaves or (idx < 0).any():
             return 0
         offsets = np.asarray(linaddrs, dtype=np.int64) - proc.enclaves[secs_idx].base
-        done = eadd_batch(self.lp, secs_idx, idx, offsets, secinfo_flags, contents, measure=measure, wait=wait)
+        done = build_batch.eadd_batch(self.lp, secs_idx, idx, offsets, secinfo_flags, contents, measure=measure,
+                                      wait=wait)
         if done:
             self.lp.rbx = rbx_after
         return done
@@ -162,12 +161,10 @@ class HostCpu:
 
     def eextend_page(self, secs_addr: int, page_addr: int) -> bool:
         """EEXTEND of the 16 chunks of the EPC page at host-physical ``page_addr`` (see :func:`eextend_page`)."""
-        from vepc.silicon.leaves.build_batch import eextend_page
-
         if page_addr & (PAGE_SIZE - 1) or not self._leaves_are_silicon(Leaf.EEXTEND):
             return False
         idx = self.processor.layout.index_of(page_addr)
-        return idx >= 0 and eextend_page(self.lp, idx, secs_addr)
+        return idx >= 0 and build_batch.eextend_page(self.lp, idx, secs_addr)
 
     def eremove_batch(self, addrs: "np.ndarray | range", stop_unless: tuple[int, ...] | None = None) -> np.ndarray:
         """EREMOVE at host-physical ``addrs`` in order (see :class:`KernelCpu`); a prefix of the results.

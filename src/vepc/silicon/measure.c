@@ -198,19 +198,25 @@ static int absorb(EVP_MD_CTX *ctx, const unsigned char *p, const unsigned char *
 	return ok;
 }
 
+/* Under queue_lock, one step of waiting for cv's condition: before `until` a yield with the lock
+ * released (spinning), after it sleep on cv. */
+static void wait_step(pthread_cond_t *cv, int64_t until)
+{
+	if (now_ns() < until) {
+		pthread_mutex_unlock(&queue_lock);
+		sched_yield();
+		pthread_mutex_lock(&queue_lock);
+	} else {
+		pthread_cond_wait(cv, &queue_lock);
+	}
+}
+
 static void *worker_main(void *unused)
 {
 	pthread_mutex_lock(&queue_lock);
 	for (;;) {
-		while (!pending_head) {
-			if (now_ns() < spin_until) {
-				pthread_mutex_unlock(&queue_lock);
-				sched_yield();
-				pthread_mutex_lock(&queue_lock);
-			} else {
-				pthread_cond_wait(&work_cv, &queue_lock);
-			}
-		}
+		while (!pending_head)
+			wait_step(&work_cv, spin_until);
 		Job *j = pending_head;
 		pending_head = j->next;
 		if (!pending_head)
@@ -297,20 +303,13 @@ static int drain(Sha256 *s)
 	pthread_mutex_lock(&queue_lock);
 	int idle = s->completed >= s->queued;
 	pthread_mutex_unlock(&queue_lock);
-	if (!idle) { /* the usual case of a per-page leaf's update: nothing queued, the GIL is kept */
+	if (!idle) { /* else (a per-page leaf's update: nothing queued) the GIL is kept */
 		Py_BEGIN_ALLOW_THREADS
 		int64_t spin_end = now_ns() + WAIT_SPIN_NS;
 		pthread_mutex_lock(&queue_lock);
 		err = ensure_worker();
-		while (!err && s->completed < s->queued) {
-			if (now_ns() < spin_end) {
-				pthread_mutex_unlock(&queue_lock);
-				sched_yield();
-				pthread_mutex_lock(&queue_lock);
-			} else {
-				pthread_cond_wait(&done_cv, &queue_lock);
-			}
-		}
+		while (!err && s->completed < s->queued)
+			wait_step(&done_cv, spin_end);
 		pthread_mutex_unlock(&queue_lock);
 		Py_END_ALLOW_THREADS
 		reap();
