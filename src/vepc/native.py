@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 from types import ModuleType
 
-__all__ = ["compiler", "cache_dir", "publish", "build_extension", "NativeUnavailable"]
+__all__ = ["compiler", "cache_dir", "publish", "build_library", "build_extension", "NativeUnavailable"]
 
 #: Seconds a compiler run may take.
 COMPILE_TIMEOUT = 120
@@ -60,38 +60,28 @@ def publish(path: Path, data: bytes) -> None:
 _CFLAGS = ["-O2", "-shared", "-fPIC", "-std=gnu11", "-Wall", "-Werror"]
 
 
-def build_extension(name: str, source: Path, libs: tuple[str, ...] = (), cache: Path | None = None) -> ModuleType:
-    """The CPython extension module ``name`` compiled from ``source`` (``PyInit_<name>``), linked with
-    ``libs``: built now, or loaded from the cached build of the same compiler, flags, source and Python.
-    Raises :class:`NativeUnavailable` when it cannot be built here.
+def build_library(name: str, source: Path, flags: tuple[str, ...] = (), libs: tuple[str, ...] = (),
+                  suffix: str = ".so", cache: Path | None = None, package: str = "gcc") -> Path:
+    """The shared object compiled from ``source`` with ``flags`` and linked with ``libs``: built now, or
+    the cached build of the same compiler, flags, libraries, source and Python. Raises
+    :class:`NativeUnavailable` (naming ``package`` to install when the compiler is missing).
 
-    Example: ``build_extension("_vepc_measure", Path("measure.c"), ("-l:libcrypto.so.3",)).sha256()``."""
+    Example: ``ctypes.CDLL(str(build_library("uffd_server", Path("uffd_server.c"))))``."""
     cc = compiler()
     if cc is None:
         raise NativeUnavailable("no C compiler found (cc, gcc or $CC)")
-    include = sysconfig.get_paths()["include"]
-    if not os.path.isfile(os.path.join(include, "Python.h")):
-        raise NativeUnavailable(f"no Python.h in {include} (install the Python development headers)")
-    text = source.read_bytes()
-    key = "\0".join([os.path.basename(cc), *_CFLAGS, *libs, sys.version, include]).encode() + b"\0" + text
-    suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
+    key = "\0".join([os.path.basename(cc), *_CFLAGS, *flags, *libs, sys.version]).encode() + b"\0" + source.read_bytes()
     path = (cache or cache_dir()) / f"{name}-{hashlib.sha256(key).hexdigest()[:20]}{suffix}"
     if path.is_file():
-        try:
-            return _load(name, path)
-        except NativeUnavailable:
-            pass                                         # a damaged cache entry is rebuilt
-    _compile(cc, include, source, libs, path, name + suffix)
-    return _load(name, path)
-
-
-def _compile(cc: str, include: str, source: Path, libs: tuple[str, ...], path: Path, filename: str) -> None:
+        return path
     with tempfile.TemporaryDirectory(prefix="vepc-native-") as tmp:
-        out = os.path.join(tmp, filename)
-        argv = [cc, *_CFLAGS, f"-I{include}", "-o", out, str(source), *libs]
+        out = os.path.join(tmp, name + suffix)
+        argv = [cc, *_CFLAGS, *flags, "-o", out, str(source), *libs]
         try:
             done = subprocess.run(argv, cwd=tmp, capture_output=True, text=True, timeout=COMPILE_TIMEOUT,
                                   check=False)
+        except FileNotFoundError:
+            raise NativeUnavailable(f"{cc} not found (install {package}): could not build {source.name}") from None
         except (OSError, subprocess.TimeoutExpired) as e:
             raise NativeUnavailable(f"{cc} could not build {source.name}: {e}") from None
         if done.returncode:
@@ -101,6 +91,25 @@ def _compile(cc: str, include: str, source: Path, libs: tuple[str, ...], path: P
             publish(path, Path(out).read_bytes())
         except OSError as e:
             raise NativeUnavailable(f"cannot keep the build of {source.name} in {path.parent}: {e}") from None
+    return path
+
+
+def build_extension(name: str, source: Path, libs: tuple[str, ...] = (), cache: Path | None = None) -> ModuleType:
+    """The CPython extension module ``name`` compiled from ``source`` (``PyInit_<name>``), linked with
+    ``libs`` (:func:`build_library` with the Python headers); a damaged cached build is rebuilt. Raises
+    :class:`NativeUnavailable` when it cannot be built here.
+
+    Example: ``build_extension("_vepc_measure", Path("measure.c"), ("-l:libcrypto.so.3",)).sha256()``."""
+    include = sysconfig.get_paths()["include"]
+    if not os.path.isfile(os.path.join(include, "Python.h")):
+        raise NativeUnavailable(f"no Python.h in {include} (install the Python development headers)")
+    suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
+    path = build_library(name, source, (f"-I{include}",), libs, suffix, cache)
+    try:
+        return _load(name, path)
+    except NativeUnavailable:
+        path.unlink(missing_ok=True)                     # a damaged cache entry is rebuilt once
+    return _load(name, build_library(name, source, (f"-I{include}",), libs, suffix, cache))
 
 
 def _load(name: str, path: Path) -> ModuleType:

@@ -1,5 +1,6 @@
 """The compiled userfaultfd fault server (``uffd_server.c``), built at run time with the machine's C
-compiler and cached like the guest program (``guest.cache_dir()``, keyed by the SHA-256 of the source).
+compiler and cached like the guest program (``guest.cache_dir()``, keyed by the SHA-256 of the source and
+flags: :func:`vepc.native.build_library`).
 
 It is a *reference*, not the backend: it answers every fault of a userfaultfd with UFFDIO_CONTINUE or
 UFFDIO_COPY and asks no model, so it measures the userfaultfd round trip with no Python in it -- the
@@ -15,19 +16,16 @@ True
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
-import tempfile
 import threading
 from pathlib import Path
 
-from vepc.native import compiler, publish
-from vepc.realkvm.guest import GuestBuildError, _run, cache_dir
+from vepc.native import NativeUnavailable, build_library, compiler
+from vepc.realkvm.guest import GuestBuildError, cache_dir
 
 __all__ = ["compiler_available", "build_uffd_server", "CompiledUffdServer", "NativeBuildError"]
 
 _SOURCE = Path(__file__).resolve().parent / "uffd_server.c"
-_CFLAGS = ["-O2", "-shared", "-fPIC", "-std=gnu11", "-Wall", "-Werror"]
 
 NativeBuildError = GuestBuildError
 
@@ -40,20 +38,16 @@ def compiler_available() -> tuple[bool, str]:
 
 
 def build_uffd_server(cache: Path | None = None) -> ctypes.CDLL:
-    """The server library (built now, or the cached build of the same source and flags).
+    """The server library (:func:`vepc.native.build_library`: built now, or the cached build of the same
+    source and flags, in ``guest.cache_dir()`` by default).
 
     Example: ``build_uffd_server().vepc_uffd_serve`` → the C entry point."""
-    cc = compiler()
-    if cc is None:
+    if compiler() is None:
         raise NativeBuildError(compiler_available()[1])
-    text = _SOURCE.read_bytes()
-    digest = hashlib.sha256(" ".join([os.path.basename(cc)] + _CFLAGS).encode() + b"\0" + text).hexdigest()
-    lib = (cache or cache_dir()) / f"uffd_server-{digest[:20]}.so"
-    if not lib.is_file():
-        with tempfile.TemporaryDirectory(prefix="vepc-native-") as tmp:
-            out = os.path.join(tmp, "uffd_server.so")
-            _run([cc, *_CFLAGS, "-o", out, str(_SOURCE)], tmp, package="gcc")
-            publish(lib, Path(out).read_bytes())
+    try:
+        lib = build_library("uffd_server", _SOURCE, cache=cache or cache_dir())
+    except NativeUnavailable as e:
+        raise NativeBuildError(str(e)) from None
     dll = ctypes.CDLL(str(lib))
     dll.vepc_uffd_serve.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_uint64, ctypes.POINTER(ctypes.c_int),
                                     ctypes.c_long)

@@ -74,11 +74,11 @@ def cache_dir() -> Path:
     return Path(env) if env else Path(tempfile.gettempdir()) / f"vepc-realkvm-{os.getuid()}"
 
 
-def _run(argv: list[str], cwd: str, package: str = "binutils") -> str:
+def _run(argv: list[str], cwd: str) -> str:
     try:
         done = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=TOOL_TIMEOUT, check=False)
     except FileNotFoundError:
-        raise GuestBuildError(f"{argv[0]} not found (install {package})") from None
+        raise GuestBuildError(f"{argv[0]} not found (install binutils)") from None
     except subprocess.TimeoutExpired:
         raise GuestBuildError(f"{argv[0]} did not finish within {TOOL_TIMEOUT} s") from None
     if done.returncode:
