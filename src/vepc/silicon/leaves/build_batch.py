@@ -29,6 +29,7 @@ import numpy as np
 
 from vepc.arch.constants import PAGE_SIZE, SECINFO_RESERVED_MASK, Leaf, PageType
 from vepc.arch.structs import Secinfo
+from vepc.arrays import BufferPool
 from vepc.silicon import native_measure
 from vepc.silicon.epcm import PT_MASK, PT_SHIFT, RWX_SHIFT, VALID
 from vepc.silicon.leaves.build import _EEXTEND_BLOCK, EADD_TAG, EEXTEND_TAG
@@ -45,48 +46,11 @@ _CHUNK = 512
 #: The first chunk of a batch is smaller, so the hash starts after a short build instead of a full chunk's.
 _FIRST_CHUNK = 64
 _CHUNK_OFFSETS = np.arange(16, dtype=np.uint64) * 256
-#: Record buffers kept for reuse per width (more are in flight only while a batch runs).
-_KEEP_RECORDS = 4
-#: Record buffers not in use, by record width: reused, so a batch pays no page faults on a fresh buffer.
-_FREE_RECORDS: dict[int, list[np.ndarray]] = {64: [], MEASURE_BLOCK_BYTES: []}
 
 
-#: Buffers the pages of a listed source are copied into, not in use: reused, so a batch faults no fresh
-#: memory in (a fresh 2 MiB bytes measured ~7x slower to fill than a reused one on the 2-core machine).
-_FREE_GATHER: list[np.ndarray] = []
-#: Gather buffers the compiled hash still reads: (buffer, measurement, job number).
-_LENT: list[tuple[np.ndarray, object, int]] = []
-_GATHER_LOCK = threading.RLock()
-#: Gather buffers up to this many pages are kept (the kernel's ADD_PAGES batches); bigger ones are freed.
-_KEEP_GATHER_PAGES = 2048
-
-
-def _take_gather(n: int) -> np.ndarray:
-    """A gather buffer of at least ``n`` pages (n x 4096 uint8 rows)."""
-    with _GATHER_LOCK:
-        for lent in [x for x in _LENT if x[1].done(x[2])]:     # the compiled hash is done with these
-            _LENT.remove(lent)
-            _give_back(lent[0])
-        while _FREE_GATHER:
-            buf = _FREE_GATHER.pop()
-            if len(buf) >= n:
-                return buf
-    return np.empty((max(n, _CHUNK), PAGE_SIZE), dtype=np.uint8)
-
-
-def _prefix_ok(ok: np.ndarray) -> int:
-    bad = np.flatnonzero(~ok)
-    return int(bad[0]) if len(bad) else len(ok)
-
-
-def _record_buffer(width: int, rows: int) -> np.ndarray:
+def _new_records(width: int, rows: int) -> np.ndarray:
     """A record buffer of at least ``rows`` rows of ``width`` bytes with its constant fields set: the EADD
     tag, and when measured the EEXTEND tags; the headers' zero padding is never written."""
-    free = _FREE_RECORDS[width]
-    while free:
-        rec = free.pop()
-        if len(rec) >= rows:
-            return rec
     rows = max(rows, _CHUNK)
     rec = np.zeros((rows, width), dtype=np.uint8)
     rec.view("<u8")[:, 0] = EADD_TAG
@@ -96,12 +60,40 @@ def _record_buffer(width: int, rows: int) -> np.ndarray:
     return rec
 
 
+#: Record buffers by record width, reused (more than the kept ones are in flight only while a batch runs).
+_RECORDS = {w: BufferPool(lambda rows, w=w: _new_records(w, rows)) for w in (64, MEASURE_BLOCK_BYTES)}
+#: Buffers the pages of a listed source (or a private copy) are copied into, reused; up to 2048 pages
+#: (the kernel's ADD_PAGES batches) are kept.
+_GATHER: BufferPool[np.ndarray] = BufferPool(lambda n: np.empty((max(n, _CHUNK), PAGE_SIZE), dtype=np.uint8),
+                                             keep_max=2048)
+#: Gather buffers the compiled hash still reads: (buffer, measurement, job number).
+_LENT: list[tuple[np.ndarray, object, int]] = []
+_LENT_LOCK = threading.Lock()
+
+
+def _take_gather(n: int) -> np.ndarray:
+    """A gather buffer of at least ``n`` pages (n x 4096 uint8 rows), after taking back the lent buffers
+    the compiled hash is done with."""
+    with _LENT_LOCK:
+        done = [x for x in _LENT if x[1].done(x[2])]
+        for lent in done:
+            _LENT.remove(lent)
+    for lent in done:
+        _GATHER.give(lent[0])
+    return _GATHER.take(n)
+
+
+def _prefix_ok(ok: np.ndarray) -> int:
+    bad = np.flatnonzero(~ok)
+    return int(bad[0]) if len(bad) else len(ok)
+
+
 def _records(pages: np.ndarray, offsets: np.ndarray, secinfo48: np.ndarray, measure: bool) -> np.ndarray:
     """What MRENCLAVE absorbs for EADD (and EEXTEND of chunks 0..15) of each of up to _CHUNK pages, in
     order: the EADD block ("EADD" | offset | SECINFO[0:48]), then per 256-byte chunk its EEXTEND block
     ("EEXTEND" | offset | 48 zero bytes) and the chunk."""
     m = len(pages)
-    rec = _record_buffer(MEASURE_BLOCK_BYTES if measure else 64, m)
+    rec = _RECORDS[MEASURE_BLOCK_BYTES if measure else 64].take(m)
     rec.view("<u8")[:m, 1] = offsets
     rec[:m, 16:64] = secinfo48
     if measure:
@@ -110,13 +102,6 @@ def _records(pages: np.ndarray, offsets: np.ndarray, secinfo48: np.ndarray, meas
             np.uint8).reshape(m, 16, 8)
         ext[:m, :, 64:] = pages.reshape(m, 16, 256)
     return rec
-
-
-def _recycle(rec: np.ndarray) -> None:
-    """A record buffer hashed: back for reuse (up to :data:`_KEEP_RECORDS` per width)."""
-    free = _FREE_RECORDS[rec.shape[1]]
-    if len(free) < _KEEP_RECORDS:
-        free.append(rec)
 
 
 class _ChunkRecords:
@@ -183,7 +168,7 @@ class _ChunkRecords:
                 try:
                     sha.update(rec[:hi - lo])      # one update per chunk; hashlib runs it without the GIL
                 finally:
-                    _recycle(rec)
+                    _RECORDS[rec.shape[1]].give(rec)
         except BaseException:
             self._release_all()
             raise
@@ -277,12 +262,6 @@ def eadd_batch(lp, secs_idx: int, idx: np.ndarray, offsets: np.ndarray, secinfo_
     return n
 
 
-def _give_back(gather: np.ndarray) -> None:
-    with _GATHER_LOCK:
-        if len(gather) <= _KEEP_GATHER_PAGES and len(_FREE_GATHER) < _KEEP_RECORDS:
-            _FREE_GATHER.append(gather)
-
-
 def _store_and_measure(measurement, store, idx: np.ndarray, offsets: np.ndarray, secinfo48: np.ndarray,
                        measure: bool, src, sources: list | None, wait: bool) -> None:
     """EADD's copy of each page into EPC and MRENCLAVE's update with hashlib: through 5184-byte records
@@ -314,7 +293,7 @@ def _store_and_measure(measurement, store, idx: np.ndarray, offsets: np.ndarray,
             measurement.absorb(chunks.hash_all)
     finally:
         if gather is not None:
-            _give_back(gather)
+            _GATHER.give(gather)
 
 
 def _store_and_measure_compiled(measurement, store, idx: np.ndarray, offsets: np.ndarray, secinfo48: np.ndarray,
@@ -347,11 +326,11 @@ def _store_and_measure_compiled(measurement, store, idx: np.ndarray, offsets: np
         store.store_at(idx, pages)
     finally:
         if gather is not None:                 # lent only now: a buffer is reused once stored and hashed
-            with _GATHER_LOCK:
-                if job:
+            if job:
+                with _LENT_LOCK:
                     _LENT.append((gather, measurement, job))
-                else:
-                    _give_back(gather)
+            else:
+                _GATHER.give(gather)
         if wait and background:
             measurement.wait()
 

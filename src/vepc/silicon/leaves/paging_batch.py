@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from vepc.arch.constants import PAGE_SIZE, PageType, SecinfoFlag
 from vepc.arch.structs import PCMD_SIZE, Secinfo
+from vepc.arrays import BufferPool
 from vepc.silicon.epcm import BLOCKED, MODIFIED, PENDING, PR, PT_MASK, PT_SHIFT, RWX_SHIFT, VALID
 from vepc.silicon.leaves.paging import (
     CHILD_TYPES, VA_SLOT_SIZE, pcmd_secinfo_flags, tracking_complete,
@@ -269,18 +270,9 @@ def eldu_batch(lp, idx: np.ndarray, secs_idx: int, linaddrs: np.ndarray, va_idx:
 #: Pages sealed or opened per pass through a scratch buffer of (ciphertext | MAC) rows (~2 MiB, reused).
 _PASS = 512
 _SEALED = PAGE_SIZE + 16
-#: Scratch buffers not in use (one per concurrent batch): reused, so a pass pays no page faults.
-_FREE_SCRATCH: list[bytearray] = []
+#: Scratch buffers of (ciphertext | MAC) rows, reused so a pass pays no page faults.
+_SCRATCH: BufferPool[bytearray] = BufferPool(bytearray)
 _PAGE_END = PAGE_SIZE.__add__
-
-
-def _scratch() -> bytearray:
-    """A scratch buffer of at least :data:`_PASS` rows (given back to ``_FREE_SCRATCH`` after use)."""
-    while _FREE_SCRATCH:
-        scratch = _FREE_SCRATCH.pop()
-        if len(scratch) >= _PASS * _SEALED:
-            return scratch
-    return bytearray(_PASS * _SEALED)
 
 
 def _views(mv: memoryview, start: int, count: int, size: int, step: int):
@@ -300,7 +292,7 @@ def _seal(encrypt_into, nonce: memoryview, hdr: memoryview, chunks: list, chunk_
     ``out[i]``, the MAC to ``pcmd[i, 112:]``. One ``encrypt_into`` per page into a row of a scratch buffer,
     the calls made by ``map``; each pass's rows then go to ``out`` and the PCMDs as two array copies."""
     n = len(chunk_of)
-    scratch = _scratch()
+    scratch = _SCRATCH.take(_PASS * _SEALED)
     try:
         smv = memoryview(scratch)
         rows = np.frombuffer(scratch, dtype=np.uint8).reshape(-1, _SEALED)
@@ -312,7 +304,7 @@ def _seal(encrypt_into, nonce: memoryview, hdr: memoryview, chunks: list, chunk_
             out[lo:lo + m] = rows[:m, :PAGE_SIZE]
             pcmd[lo:lo + m, 112:] = rows[:m, PAGE_SIZE:]
     finally:
-        _FREE_SCRATCH.append(scratch)
+        _SCRATCH.give(scratch)
 
 
 def _open(decrypt_into, nonce: memoryview, hdr: memoryview, cont: np.ndarray, macs: np.ndarray, chunks: list,
@@ -323,7 +315,7 @@ def _open(decrypt_into, nonce: memoryview, hdr: memoryview, cont: np.ndarray, ma
     its MAC held, so a mismatch leaves its contents as they were. Each pass lays its pages out as
     (ciphertext | MAC) rows of a scratch buffer (two array copies) for the ``decrypt_into`` calls."""
     n = len(chunk_of)
-    scratch = _scratch()
+    scratch = _SCRATCH.take(_PASS * _SEALED)
     aside = memoryview(bytearray(PAGE_SIZE * min(len(had), _PASS))) if had else None
     try:
         smv = memoryview(scratch)
@@ -351,7 +343,7 @@ def _open(decrypt_into, nonce: memoryview, hdr: memoryview, cont: np.ndarray, ma
                 return lo + opened
         return n
     finally:
-        _FREE_SCRATCH.append(scratch)
+        _SCRATCH.give(scratch)
 
 
 def _first_false(ok: np.ndarray) -> int:
