@@ -6,6 +6,9 @@
 (7, 'uint32')
 >>> pool = BufferPool(bytearray); b = pool.take(8192); pool.give(b); pool.take(4096) is b
 True
+>>> small = BufferPool(bytearray, keep=1, keep_max=100); big = bytearray(200); small.give(big)
+>>> small.take(10) is big, len(small.take(300))          # too big to keep; too small to reuse
+(False, 300)
 """
 
 from __future__ import annotations
