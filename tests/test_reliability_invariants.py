@@ -206,6 +206,28 @@ def test_an_enclave_spanning_two_vms_in_the_epcm(w):
     assert any("an enclave spans two VMs" in x for x in v_of(w))
 
 
+def test_a_forked_vmm_holding_each_vepc_of_a_spanning_enclave_in_one_process_passes():
+    """Stateful-fuzzer seed 87497215550383248445803843611503634009: a guest enclave spans the two vepc
+    instances of one VM; the VMM unmaps its EPC, forks, then parent and child each close a different vepc.
+    The EPCM link was made by one VM and the two files are held by one fork family: no violation."""
+    w = World()
+    assert w.start_vm([(16, False, 0), (512, False, 0)]) == "running"
+    assert w.guest_enclave(0, 6) == "loaded"
+    qemu = w.vms[0].qemu
+    a, b = (qemu.vepc(m) for m in ("m0", "m1"))
+    w.vmm_munmap_epc(0)
+    qemu.proc.munmap(qemu.backends["m1"].hva, qemu.backends["m1"].size)
+    child = qemu.proc.fork("qemu-child")
+    fd_of = lambda proc, obj: next(fd for fd, f in proc.fds.items() if f.private_data is obj)
+    qemu.proc.close(fd_of(qemu.proc, b))
+    child.close(fd_of(child, a))
+    assert child.ppid == qemu.proc.pid and child.fork_root == qemu.proc.fork_root
+    assert v_of(w) == []
+    # The same split between two processes that are not one fork family is an enclave spanning two VMs.
+    child.fork_root = child.pid
+    assert any("an enclave spans two VMs" in x for x in v_of(w))
+
+
 def test_a_non_sgx_mapping_of_an_epc_page(w):
     p = w.kernel.spawn("rogue")
     addr = p.alloc_user(b"x")

@@ -408,8 +408,11 @@ def _ptname(t: int) -> str:
         return f"type {int(t)}"
 
 
-def _vepc_holders(kernel: "Kernel") -> dict[int, set[int]]:
-    """vepc owner id -> pids of the live processes holding its file (by descriptor or mapping)."""
+def _vepc_holders(kernel: "Kernel", families: bool = False) -> dict[int, set[int]]:
+    """vepc owner id -> pids of the live processes holding its file (by descriptor or mapping); with
+    ``families``, their fork families (:attr:`Process.fork_root`) instead: a VMM that forks and then closes a
+    different vepc in parent and child holds both as one family, and the EPCM links its guest made between
+    them stay legitimate."""
     out: dict[int, set[int]] = {}
     for proc in list(kernel.processes.values()):
         if not proc.alive:
@@ -417,13 +420,13 @@ def _vepc_holders(kernel: "Kernel") -> dict[int, set[int]]:
         files = [f.private_data for f in proc.fds.values()] + [vma.vm_private_data for vma in proc.vmas]
         for obj in files:
             if getattr(obj, "owner_kind", None) == OwnerKind.VEPC:
-                out.setdefault(obj.owner_id, set()).add(proc.pid)
+                out.setdefault(obj.owner_id, set()).add(proc.fork_root if families else proc.pid)
     return out
 
 
 def _check_vepc_enclaves(kernel: "Kernel", processor: "Processor", sidx: np.ndarray, f: np.ndarray,
                          v: list[str]) -> None:
-    """A valid child page in a vepc names a SECS held by the same processes (or on the zombie list)."""
+    """A valid child page in a vepc names a SECS held by the same fork family (or on the zombie list)."""
     pool = kernel.pool
     kinds = _kinds(kernel, pool.owner)
     pages = np.flatnonzero((kinds == OwnerKind.VEPC) & (pool.owner != 0) & ((f & VALID) != 0) & (sidx >= 0))
@@ -438,7 +441,7 @@ def _check_vepc_enclaves(kernel: "Kernel", processor: "Processor", sidx: np.ndar
     ok = sidx >= 0
     inv[sidx[ok]] = np.flatnonzero(ok)
     secs_pages = inv[processor.epcm.secs[sidx[child]].astype(np.int64)]
-    holders = _vepc_holders(kernel)
+    holders = _vepc_holders(kernel, families=True)
     for page, secs in zip(child.tolist(), secs_pages.tolist()):
         if secs < 0:
             v.append(f"vepc page {page}: its SECS is not EPC the kernel manages")

@@ -179,6 +179,11 @@ class Process:
         self.node = 0
         #: the misc cgroup the task is in (None: the root), see vepc.kernel.misc_cgroup
         self.misc_cg = None
+        #: getppid(2): the forking process (kernel/fork.c copy_process sets real_parent); 0 when spawned.
+        self.ppid = 0
+        #: the pid of the spawned process this one descends from by fork (its own pid when spawned). A
+        #: VMM and its forked children share descriptors, so the invariants count them as one holder.
+        self.fork_root = pid
 
     # -- descriptors --------------------------------------------------------------------------
     def _check_alive(self) -> None:
@@ -563,6 +568,7 @@ class Process:
         """fork(2): descriptors are shared, VMAs copied except VM_DONTCOPY (kernel/fork.c dup_mmap)."""
         self._check_alive()
         child = self.kernel.spawn(name or self.name)
+        child.ppid, child.fork_root = self.pid, self.fork_root
         if self.misc_cg is not None and self.kernel.cgroups is not None:
             self.kernel.cgroups.misc.attach(child, self.misc_cg.path)    # the child inherits the cgroup
         for fd, f in self.fds.items():
