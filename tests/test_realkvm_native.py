@@ -101,3 +101,47 @@ def test_real_guest_faults_are_served_by_the_compiled_server():
     from vepc.realkvm.bench import uffd_rate
 
     assert uffd_rate(256, compiled=True) > 0
+
+
+@needs_cc
+@pytest.mark.skipif(not realkvm_usable()[0], reason=f"no real KVM guest possible here: {realkvm_usable()[1]}")
+@pytest.mark.parametrize("minor", [False, True] if minor_shmem_usable()[0] else [False])
+def test_synchronous_loop_serves_every_first_touch_in_the_vcpu_thread(minor):
+    from vepc.realkvm.bench import sync_rate
+
+    assert sync_rate(256, minor=minor) > 0        # raises unless exactly 256 pages were served, in order
+
+
+@needs_cc
+@pytest.mark.skipif(not realkvm_usable()[0], reason=f"no real KVM guest possible here: {realkvm_usable()[1]}")
+def test_synchronous_loop_returns_efault_when_the_guest_touches_past_what_it_was_told():
+    """vepc_sync_touch with room for 8 pages under a guest loop of 16: the 9th EFAULT is returned, not
+    served (and the pages already served hold the source page under the guest's write)."""
+    import ctypes
+    import struct
+
+    from vepc.realkvm.bench import PAGE, _AnonVm
+    from vepc.realkvm.sgxvm import TOUCH_WRITE
+    from vepc.realkvm.uffd import UFFD_FEATURE_SIGBUS
+    from vepc.realkvm.vmm import EPC_GPA, PORT_MARK, args_gpa
+
+    a = _AnonVm(16)
+    u = Userfaultfd(features=UFFD_FEATURE_SIGBUS)
+    src = HostMapping(PAGE)
+    src.view[:] = b"\xab" * PAGE
+    try:
+        u.register(a.mem.addr, 16 * PAGE)
+        a.vm.write(args_gpa(0), struct.pack("<QQQQ", EPC_GPA, 16, PAGE, TOUCH_WRITE))
+        a.vm.start_vcpu(a.vcpu, "touch")
+        nxt = ctypes.c_uint64(0)
+        touch = build_uffd_server().vepc_sync_touch
+        r = touch(a.vcpu.fd, u.fd, 0, src.addr, a.mem.addr, 8, ctypes.byref(nxt))
+        while r == 0 and a.vcpu.io_exit().port == PORT_MARK:
+            r = touch(a.vcpu.fd, u.fd, 0, src.addr, a.mem.addr, 8, ctypes.byref(nxt))
+        assert r == -errno.EFAULT and nxt.value == 8
+        # Pages 0..7 are the source page with the guest's marker qword over their first 8 bytes.
+        assert all(bytes(a.mem.view[p * PAGE:(p + 1) * PAGE]) == b"Z" * 8 + b"\xab" * (PAGE - 8) for p in range(8))
+    finally:
+        u.close()
+        src.close()
+        a.close()

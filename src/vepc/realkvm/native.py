@@ -6,7 +6,9 @@ It is a *reference*, not the backend: it answers every fault of a userfaultfd wi
 UFFDIO_COPY and asks no model, so it measures the userfaultfd round trip with no Python in it -- the
 bound of any design that serves a real guest's page faults from user space once per page ([Speed]
 issue: "a small compiled userfaultfd server"). ``ctypes`` releases the GIL for the whole call, so the
-server runs on its own thread beside the vCPU's.
+server runs on its own thread beside the vCPU's. ``vepc_sync_touch`` is the synchronous counterpart (no
+second thread: UFFD_FEATURE_SIGBUS makes KVM_RUN fail in the vCPU thread, which maps the page and
+re-enters), for a guest loop whose next page the caller knows.
 
 >>> ok, why = compiler_available()
 >>> isinstance(ok, bool) and isinstance(why, str)
@@ -52,6 +54,9 @@ def build_uffd_server(cache: Path | None = None) -> ctypes.CDLL:
     dll.vepc_uffd_serve.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_uint64, ctypes.POINTER(ctypes.c_int),
                                     ctypes.c_long)
     dll.vepc_uffd_serve.restype = ctypes.c_long
+    dll.vepc_sync_touch.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_uint64, ctypes.c_uint64,
+                                    ctypes.c_uint64, ctypes.POINTER(ctypes.c_uint64))
+    dll.vepc_sync_touch.restype = ctypes.c_long
     return dll
 
 

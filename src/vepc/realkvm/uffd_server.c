@@ -8,8 +8,15 @@
  * (MINOR mode) or UFFDIO_COPY of the page at `src` (MISSING mode); a page already present (EEXIST) is
  * woken with UFFDIO_WAKE. No model is asked: this bounds any design that needs user space once per page.
  *
- * The structure layouts and ioctl numbers are include/uapi/linux/userfaultfd.h's, spelled out here (as
- * vepc/realkvm/uffd.py does) so that only a C compiler and libc are needed.
+ * vepc_sync_touch is the other reference: the synchronous design, with no second thread. The range is
+ * registered with UFFD_FEATURE_SIGBUS, so a guest's first touch makes KVM_RUN fail at once with EFAULT in
+ * the vCPU thread itself, which maps the page and re-enters. KVM does not say which address faulted
+ * (kvm_handle_error_pfn returns a bare -EFAULT; real-kvm.md), so the caller's loop must be known: the
+ * benchmark's guest touches pages in order, and `*next` is the next one. No model is asked.
+ *
+ * The structure layouts and ioctl numbers are include/uapi/linux/userfaultfd.h's and linux/kvm.h's,
+ * spelled out here (as vepc/realkvm/uffd.py and kvm_api.py do) so that only a C compiler and libc are
+ * needed.
  */
 #include <errno.h>
 #include <poll.h>
@@ -38,6 +45,7 @@ struct uffdio_continue { struct uffd_range range; uint64_t mode; int64_t mapped;
 #define UFFDIO_WAKE UFFD_IOR(0x02, sizeof(struct uffd_range))
 #define UFFDIO_COPY UFFD_IOWR(0x03, sizeof(struct uffdio_copy))
 #define UFFDIO_CONTINUE UFFD_IOWR(0x07, sizeof(struct uffdio_continue))
+#define KVM_RUN 0xAE80UL                /* _IO(KVMIO, 0x80) */
 
 _Static_assert(sizeof(struct uffd_msg_pf) == 32, "struct uffd_msg is 32 bytes");
 _Static_assert(sizeof(struct uffdio_copy) == 40, "struct uffdio_copy is 40 bytes");
@@ -100,4 +108,23 @@ long vepc_uffd_serve(int fd, int minor, uint64_t src, volatile int *stop, long s
 		idle_since = now_ns();
 	}
 	return served;
+}
+
+/* Run the vCPU until an exit KVM_RUN reports normally (0: the caller reads kvm_run) or fails with anything
+ * but EFAULT (-errno); each EFAULT maps page *next of [base, base + npages pages) and advances it. An
+ * EFAULT with no page left is returned (-EFAULT): the guest touched more than the caller said. */
+long vepc_sync_touch(int vcpu_fd, int fd, int minor, uint64_t src, uint64_t base, uint64_t npages,
+		     uint64_t *next)
+{
+	for (;;) {
+		if (ioctl(vcpu_fd, KVM_RUN, 0) == 0)
+			return 0;
+		if (errno != EFAULT)
+			return -errno;
+		if (*next >= npages)
+			return -EFAULT;
+		int err = answer(fd, minor, src, base + (*next)++ * PAGE);
+		if (err)
+			return err;
+	}
 }
