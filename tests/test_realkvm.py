@@ -331,8 +331,10 @@ def test_bench_returns_the_figures_and_their_goals():
     from vepc.realkvm.native import compiler_available
 
     figs = run_bench(pages=256, repeats=1, fault_around=16)
-    refs = [None, None, None] if compiler_available()[0] else [None, None]     # + the compiled handler's row
+    # + the compiled handler's and the synchronous loop's rows where a C compiler is
+    refs = [None] * (4 if compiler_available()[0] else 2)
     assert [f["goal"] for f in figs] == [None, 0.5, 1.0, *refs]
     assert any("compiled handler" in f["name"] for f in figs) == compiler_available()[0]
+    assert any("synchronous" in f["name"] for f in figs) == compiler_available()[0]
     assert all(set(f) == {"name", "value", "unit", "limit", "ratio", "goal"} for f in figs)
     assert all(f["value"] > 0 and f["unit"] == "pages/s" for f in figs)
