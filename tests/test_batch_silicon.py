@@ -282,3 +282,25 @@ def test_two_enclaves_built_at_once_in_batches_get_their_own_measurements(hash_b
             for c in range(16):
                 ref.eextend(epc(first + i) + 256 * c)
     assert state(proc) == state(ref_proc)
+
+
+def test_gather_buffers_come_back_when_a_later_hash_finishes_before_an_earlier_one(monkeypatch):
+    """Two gather buffers lent to the compiled hash, the second one's job done first: taking a buffer gives
+    back the second (reused) and keeps the first lent (it is still read). ``list.remove`` on the lent
+    tuples raised ValueError here (numpy buffers compared with ``==``): seen in the ADD_PAGES equivalence
+    test under load."""
+    from vepc.arrays import BufferPool
+    from vepc.silicon.leaves import build_batch as bb
+
+    class Job:
+        def __init__(self, finished):
+            self.finished = finished
+
+        def done(self, job):
+            return self.finished
+
+    first, second = np.zeros((4, PAGE_SIZE), np.uint8), np.ones((4, PAGE_SIZE), np.uint8)
+    monkeypatch.setattr(bb, "_GATHER", BufferPool(lambda n: np.empty((n, PAGE_SIZE), np.uint8)))
+    monkeypatch.setattr(bb, "_LENT", [(first, Job(False), 1), (second, Job(True), 2)])
+    assert bb._take_gather(4) is second
+    assert [x[0] is first for x in bb._LENT] == [True]

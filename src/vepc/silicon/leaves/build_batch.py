@@ -74,10 +74,14 @@ _LENT_LOCK = threading.Lock()
 def _take_gather(n: int) -> np.ndarray:
     """A gather buffer of at least ``n`` pages (n x 4096 uint8 rows), after taking back the lent buffers
     the compiled hash is done with."""
+    # One pass splits them into done and still read, without ``list.remove``: that compares the tuples
+    # with ``==``, which raises on two numpy buffers (a lent buffer still read ahead of one that is done).
+    done: list = []
     with _LENT_LOCK:
-        done = [x for x in _LENT if x[1].done(x[2])]
-        for lent in done:
-            _LENT.remove(lent)
+        busy = []
+        for lent in _LENT:
+            (done if lent[1].done(lent[2]) else busy).append(lent)
+        _LENT[:] = busy
     for lent in done:
         _GATHER.give(lent[0])
     return _GATHER.take(n)
