@@ -120,17 +120,12 @@ def test_synchronous_loop_returns_efault_when_the_guest_touches_past_what_it_was
     import ctypes
     import struct
 
-    from vepc.realkvm.bench import PAGE, _AnonVm
+    from vepc.realkvm.bench import PAGE, _uffd_slot
     from vepc.realkvm.sgxvm import TOUCH_WRITE
     from vepc.realkvm.uffd import UFFD_FEATURE_SIGBUS
     from vepc.realkvm.vmm import EPC_GPA, PORT_MARK, args_gpa
 
-    a = _AnonVm(16)
-    u = Userfaultfd(features=UFFD_FEATURE_SIGBUS)
-    src = HostMapping(PAGE)
-    src.view[:] = b"\xab" * PAGE
-    try:
-        u.register(a.mem.addr, 16 * PAGE)
+    with _uffd_slot(16, False, UFFD_FEATURE_SIGBUS) as (a, u, src):
         a.vm.write(args_gpa(0), struct.pack("<QQQQ", EPC_GPA, 16, PAGE, TOUCH_WRITE))
         a.vm.start_vcpu(a.vcpu, "touch")
         nxt = ctypes.c_uint64(0)
@@ -139,9 +134,5 @@ def test_synchronous_loop_returns_efault_when_the_guest_touches_past_what_it_was
         while r == 0 and a.vcpu.io_exit().port == PORT_MARK:
             r = touch(a.vcpu.fd, u.fd, 0, src.addr, a.mem.addr, 8, ctypes.byref(nxt))
         assert r == -errno.EFAULT and nxt.value == 8
-        # Pages 0..7 are the source page with the guest's marker qword over their first 8 bytes.
-        assert all(bytes(a.mem.view[p * PAGE:(p + 1) * PAGE]) == b"Z" * 8 + b"\xab" * (PAGE - 8) for p in range(8))
-    finally:
-        u.close()
-        src.close()
-        a.close()
+        # Pages 0..7 are the all-ones source page with the guest's marker qword over their first 8 bytes.
+        assert all(bytes(a.mem.view[p * PAGE:(p + 1) * PAGE]) == b"Z" * 8 + b"\xff" * (PAGE - 8) for p in range(8))

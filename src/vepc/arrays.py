@@ -41,6 +41,7 @@ def lazy_zeros(n: int, dtype) -> np.ndarray:
     m = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE)
     return np.frombuffer(m, dtype=dt)
 
+
 class BufferPool(Generic[B]):
     """Large scratch buffers kept for reuse: a fresh one costs a page fault per 4 KiB on first touch (a
     2 MiB buffer filled fresh measured ~7x slower than a reused one on the 2-core machine). ``take(n)``

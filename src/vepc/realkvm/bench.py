@@ -32,6 +32,7 @@ loop, measured side by side in one run".
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import statistics
@@ -130,6 +131,26 @@ def vepc_rate(pages: int = 4096, fault_around: int = 1, timeout: float = 60.0, s
         return pages / r.seconds
 
 
+@contextlib.contextmanager
+def _uffd_slot(pages: int, minor: bool, features: int = 0):
+    """The benchmark VM over a memslot of ``pages`` registered with a userfaultfd (every page missing):
+    a memfd in MINOR mode (its page cache all-ones) or anonymous memory in MISSING mode, plus an all-ones
+    source page for UFFDIO_COPY. Yields ``(vm, uffd, src)``; all three are closed on the way out."""
+    a = _AnonVm(pages, memfd=minor)
+    u = Userfaultfd(features=features | (UFFD_FEATURE_MINOR_SHMEM if minor else 0))
+    src = HostMapping(PAGE)
+    src.view[:] = b"\xff" * PAGE
+    try:
+        a.mem.dontneed()
+        u.register(a.mem.addr, pages * PAGE, minor=minor)
+        a.mem.dontneed = lambda *args: None           # registered: the pages are missing already
+        yield a, u, src
+    finally:
+        u.close()
+        src.close()
+        a.close()
+
+
 def uffd_rate(pages: int = 4096, timeout: float = 60.0, spin: float = 200e-6, minor: bool | None = None,
               compiled: bool = False) -> float:
     """Pages/s of the loop over a userfaultfd memslot whose handler thread only maps one page per fault:
@@ -140,45 +161,36 @@ def uffd_rate(pages: int = 4096, timeout: float = 60.0, spin: float = 200e-6, mi
     Example: ``uffd_rate(4096)`` → about 2.5e4 on the CI machines (noisy)."""
     if minor is None:
         minor = minor_shmem_usable()[0]
-    a = _AnonVm(pages, memfd=minor)
-    u = Userfaultfd(features=UFFD_FEATURE_MINOR_SHMEM if minor else 0)
-    src = HostMapping(PAGE)
-    src.view[:] = b"\xff" * PAGE
-    stop = threading.Event()
+    with _uffd_slot(pages, minor) as (a, u, src):
+        stop = threading.Event()
 
-    def handler() -> None:
-        while not stop.is_set():
-            faults = u.read()
-            t_end = time.perf_counter() + spin
-            while not faults and time.perf_counter() < t_end:
+        def handler() -> None:
+            while not stop.is_set():
                 faults = u.read()
-            if not faults:
-                u.wait(0.05)
-            for f in faults:
-                page = f.address & ~(PAGE - 1)
-                if (u.cont(page, PAGE) if minor else u.copy(page, src.addr, PAGE)) <= 0:
-                    u.wake(page)
+                t_end = time.perf_counter() + spin
+                while not faults and time.perf_counter() < t_end:
+                    faults = u.read()
+                if not faults:
+                    u.wait(0.05)
+                for f in faults:
+                    page = f.address & ~(PAGE - 1)
+                    if (u.cont(page, PAGE) if minor else u.copy(page, src.addr, PAGE)) <= 0:
+                        u.wake(page)
 
-    server = CompiledUffdServer(u.fd, minor, src.addr, spin) if compiled else None
-    th = threading.Thread(target=handler, daemon=True)
-    try:
-        a.mem.dontneed()
-        u.register(a.mem.addr, pages * PAGE, minor=minor)
+        server = CompiledUffdServer(u.fd, minor, src.addr, spin) if compiled else None
+        th = threading.Thread(target=handler, daemon=True)
         if server is not None:
             server.start()
         else:
             th.start()
-        a.mem.dontneed = lambda *args: None           # registered: the pages are missing already
-        return a.run(timeout)
-    finally:
-        stop.set()
-        if th.is_alive():
-            th.join(5)
-        if server is not None:
-            server.stop()
-        u.close()
-        src.close()
-        a.close()
+        try:
+            return a.run(timeout)
+        finally:
+            stop.set()
+            if th.is_alive():
+                th.join(5)
+            if server is not None:
+                server.stop()
 
 
 def sync_rate(pages: int = 4096, timeout: float = 60.0, minor: bool | None = None) -> float:
@@ -190,13 +202,7 @@ def sync_rate(pages: int = 4096, timeout: float = 60.0, minor: bool | None = Non
     if minor is None:
         minor = minor_shmem_usable()[0]
     touch = build_uffd_server().vepc_sync_touch
-    a = _AnonVm(pages, memfd=minor)
-    u = Userfaultfd(features=UFFD_FEATURE_SIGBUS | (UFFD_FEATURE_MINOR_SHMEM if minor else 0))
-    src = HostMapping(PAGE)
-    src.view[:] = b"\xff" * PAGE
-    try:
-        a.mem.dontneed()
-        u.register(a.mem.addr, pages * PAGE, minor=minor)
+    with _uffd_slot(pages, minor, UFFD_FEATURE_SIGBUS) as (a, u, src):
         vm, vcpu = a.vm, a.vcpu
         vm.write(args_gpa(0), struct.pack("<QQQQ", EPC_GPA, pages, PAGE, TOUCH_WRITE))
         vm.start_vcpu(vcpu, "touch")
@@ -218,10 +224,6 @@ def sync_rate(pages: int = 4096, timeout: float = 60.0, minor: bool | None = Non
         if nxt.value != pages or len(marks) != 2:
             raise RuntimeError(f"synchronous fault loop served {nxt.value} of {pages} pages")
         return pages / (marks[1] - marks[0])
-    finally:
-        u.close()
-        src.close()
-        a.close()
 
 
 def model_fault_rate(pages: int = 4096) -> float:
