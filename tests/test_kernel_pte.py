@@ -38,3 +38,12 @@ def test_the_pool_knows_whether_its_frames_fit_a_pte():
     assert pool(0x80000000).pfns_fit_pte
     assert pool((MAX_PFN - 15) << 12).pfns_fit_pte
     assert not pool((MAX_PFN - 14) << 12).pfns_fit_pte
+
+
+def test_a_lookup_below_beyond_or_before_any_entry_is_absent_not_an_error():
+    t = PteTable(base_vpn=100, nr_pages=4)
+    assert t.get(101) is None and t.get(101, -1) == -1 and 101 not in t      # no array yet
+    t[101] = 5
+    assert t.get(101) == 5 and 101 in t
+    assert t.get(99) is None and t.get(104) is None and t.get(10**6, -1) == -1   # below and beyond
+    assert 99 not in t and 104 not in t and len(t) == 1

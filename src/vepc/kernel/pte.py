@@ -23,6 +23,7 @@ __all__ = ["PteTable", "as_run", "MAX_PFN"]
 
 #: The largest frame an entry holds (frame + 1 must fit in uint32).
 MAX_PFN = (1 << 32) - 2
+_NO_ENTRIES = memoryview(np.zeros(0, dtype=np.uint32))
 
 
 def _check_pfns(pfns: np.ndarray) -> None:
@@ -54,8 +55,8 @@ class PteTable:
         self.n = nr_pages
         self._a: np.ndarray | None = None       # pfn + 1; 0 = not present
         #: A memoryview of ``_a`` for the one-entry accesses of every fault (an index into it costs about
-        #: half of ``ndarray.item`` or a numpy scalar store); set wherever ``_a`` is.
-        self._m: memoryview | None = None
+        #: half of ``ndarray.item`` or a numpy scalar store); set wherever ``_a`` is, empty before.
+        self._m: memoryview = _NO_ENTRIES
         self._count = 0
 
     def _arr(self) -> np.ndarray:
@@ -65,17 +66,20 @@ class PteTable:
         return self._a
 
     def __contains__(self, vpn: int) -> bool:
-        i = vpn - self.base
-        m = self._m
-        return m is not None and 0 <= i < self.n and m[i] != 0
+        return self.get(vpn) is not None
 
     def get(self, vpn: int, default=None):
+        # Two or three lookups per fault: no upper-bound test of its own, the memoryview raises beyond the
+        # table (and before the array exists, when it is empty).
         i = vpn - self.base
-        m = self._m
-        if m is None or not 0 <= i < self.n:
-            return default
-        v = m[i]
-        return v - 1 if v else default
+        if i >= 0:
+            try:
+                v = self._m[i]
+            except IndexError:
+                return default
+            if v:
+                return v - 1
+        return default
 
     def __getitem__(self, vpn: int) -> int:
         v = self.get(vpn)
@@ -84,10 +88,9 @@ class PteTable:
         return v
 
     def __setitem__(self, vpn: int, pfn: int) -> None:
-        m = self._m
-        if m is None:
+        if self._a is None:
             self._arr()
-            m = self._m
+        m = self._m
         i = vpn - self.base
         was = m[i]
         try:

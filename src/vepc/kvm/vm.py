@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import bisect
 import errno
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -49,10 +49,11 @@ class Memslot:
     memory_size: int
     userspace_addr: HostVirtAddr
     flags: int = 0
+    #: ``guest_phys_addr + memory_size``, kept as a field (every guest access compares against it).
+    end: int = field(init=False, repr=False, compare=False)
 
-    @property
-    def end(self) -> int:
-        return self.guest_phys_addr + self.memory_size
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "end", self.guest_phys_addr + self.memory_size)
 
 
 class GuestMemory:
