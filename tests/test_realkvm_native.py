@@ -136,3 +136,34 @@ def test_synchronous_loop_returns_efault_when_the_guest_touches_past_what_it_was
         assert r == -errno.EFAULT and nxt.value == 8
         # Pages 0..7 are the all-ones source page with the guest's marker qword over their first 8 bytes.
         assert all(bytes(a.mem.view[p * PAGE:(p + 1) * PAGE]) == b"Z" * 8 + b"\xff" * (PAGE - 8) for p in range(8))
+
+
+@needs_cc
+@pytest.mark.skipif(not realkvm_usable()[0], reason=f"no real KVM guest possible here: {realkvm_usable()[1]}")
+def test_bare_exit_loop_absorbs_one_tick_exit_per_page_and_returns_at_the_marks():
+    """Touch mode 2 over a mapped memslot: vepc_run_ticks re-enters after each PORT_TICK exit (one per page,
+    after the page's marker write) and returns to the caller at PORT_MARK and PORT_DONE."""
+    import ctypes
+
+    from vepc.realkvm.bench import PAGE, _AnonVm, _marked_c_run
+    from vepc.realkvm.sgxvm import TOUCH_TICK
+    from vepc.realkvm.vmm import PORT_TICK
+
+    a = _AnonVm(32)
+    try:
+        ticks = ctypes.c_uint64(0)
+        ticks_fn = build_uffd_server().vepc_run_ticks
+        seconds = _marked_c_run(a, TOUCH_TICK, 30.0, "ticks", lambda: ticks_fn(
+            a.vcpu.fd, a.vm.vcpu_mmap_size, PORT_TICK, ctypes.byref(ticks)))
+        assert ticks.value == 32 and seconds > 0
+        assert all(bytes(a.mem.view[p * PAGE:p * PAGE + 8]) == b"Z" * 8 for p in range(32))
+    finally:
+        a.close()
+
+
+@needs_cc
+@pytest.mark.skipif(not realkvm_usable()[0], reason=f"no real KVM guest possible here: {realkvm_usable()[1]}")
+def test_bare_exit_rate_counts_exactly_one_exit_per_page():
+    from vepc.realkvm.bench import exit_rate
+
+    assert exit_rate(256) > 0                     # raises unless exactly 256 tick exits were seen

@@ -62,7 +62,8 @@ def format_table(figures) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print {\"figures\": [...]} as JSON.")
 @click.option("--quick", is_flag=True, help="Small sizes (seconds, for CI) instead of the issue's sizes.")
 @click.option("--repeat", type=click.IntRange(1, 99), default=None,
-              help="Measurements per figure (default: 7, or 5 with --quick); medians are reported.")
+              help="Measurements per figure (default: 7, or 5 with --quick; the per-page figures 21 over 10 s, "
+                   "15 over 5 s with --quick); medians are reported.")
 @click.option("--markdown", "markdown", is_flag=True,
               help="Print docs/performance.md for this run (the doc is generated this way, never edited).")
 @click.option("--from-json", "from_json", type=click.Path(exists=True, dir_okay=False), default=None,

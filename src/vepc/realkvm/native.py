@@ -57,6 +57,8 @@ def build_uffd_server(cache: Path | None = None) -> ctypes.CDLL:
     dll.vepc_sync_touch.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_uint64, ctypes.c_uint64,
                                     ctypes.c_uint64, ctypes.POINTER(ctypes.c_uint64))
     dll.vepc_sync_touch.restype = ctypes.c_long
+    dll.vepc_run_ticks.argtypes = (ctypes.c_int, ctypes.c_long, ctypes.c_int, ctypes.POINTER(ctypes.c_uint64))
+    dll.vepc_run_ticks.restype = ctypes.c_long
     return dll
 
 

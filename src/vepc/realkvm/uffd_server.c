@@ -14,6 +14,10 @@
  * (kvm_handle_error_pfn returns a bare -EFAULT; real-kvm.md), so the caller's loop must be known: the
  * benchmark's guest touches pages in order, and `*next` is the next one. No model is asked.
  *
+ * vepc_run_ticks is the third: the cost of one exit to user space and back with no fault in it. The guest
+ * writes a page that is already mapped and exits through an OUT to a tick port; the loop re-enters at once.
+ * Any design that visits user space once per page pays at least this on top of the fault itself.
+ *
  * The structure layouts and ioctl numbers are include/uapi/linux/userfaultfd.h's and linux/kvm.h's,
  * spelled out here (as vepc/realkvm/uffd.py and kvm_api.py do) so that only a C compiler and libc are
  * needed.
@@ -22,6 +26,7 @@
 #include <poll.h>
 #include <stdint.h>
 #include <sys/ioctl.h>
+#include <sys/mman.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -46,6 +51,9 @@ struct uffdio_continue { struct uffd_range range; uint64_t mode; int64_t mapped;
 #define UFFDIO_COPY UFFD_IOWR(0x03, sizeof(struct uffdio_copy))
 #define UFFDIO_CONTINUE UFFD_IOWR(0x07, sizeof(struct uffdio_continue))
 #define KVM_RUN 0xAE80UL                /* _IO(KVMIO, 0x80) */
+#define KVM_EXIT_IO 2
+#define RUN_EXIT_REASON 8               /* struct kvm_run: exit_reason (u32) */
+#define RUN_IO_PORT 34                  /* the exit union at 32; io: direction u8, size u8, port u16 */
 
 _Static_assert(sizeof(struct uffd_msg_pf) == 32, "struct uffd_msg is 32 bytes");
 _Static_assert(sizeof(struct uffdio_copy) == 40, "struct uffdio_copy is 40 bytes");
@@ -127,4 +135,28 @@ long vepc_sync_touch(int vcpu_fd, int fd, int minor, uint64_t src, uint64_t base
 		if (err)
 			return err;
 	}
+}
+
+/* Run the vCPU, re-entering at once after each KVM_EXIT_IO on `tick_port` (counted in *ticks), until any
+ * other exit (0: the caller reads kvm_run) or a failure (-errno). kvm_run is mapped here (read only) from
+ * the vCPU fd, `run_size` bytes (KVM_GET_VCPU_MMAP_SIZE). */
+long vepc_run_ticks(int vcpu_fd, long run_size, int tick_port, uint64_t *ticks)
+{
+	const volatile uint8_t *run = mmap(NULL, run_size, PROT_READ, MAP_SHARED, vcpu_fd, 0);
+	long ret = 0;
+
+	if (run == MAP_FAILED)
+		return -errno;
+	for (;;) {
+		if (ioctl(vcpu_fd, KVM_RUN, 0)) {
+			ret = -errno;
+			break;
+		}
+		if (*(const volatile uint32_t *)(run + RUN_EXIT_REASON) != KVM_EXIT_IO ||
+		    *(const volatile uint16_t *)(run + RUN_IO_PORT) != tick_port)
+			break;
+		(*ticks)++;
+	}
+	munmap((void *)run, run_size);
+	return ret;
 }

@@ -52,7 +52,7 @@ from vepc.realkvm.kvm_api import (
 
 __all__ = ["RealVm", "RealVcpu", "RunResult", "VcpuOutcome", "IoExit", "Stop", "GDT_GPA", "IDT_GPA", "TSS_GPA",
            "PML4_GPA", "CODE_GPA", "DATA_GPA", "EPC_GPA", "args_gpa", "PORT_DONE", "PORT_ENCLS", "PORT_MRENCLAVE",
-           "PORT_MARK", "PORT_EXCEPTION", "VmmError"]
+           "PORT_MARK", "PORT_TICK", "PORT_EXCEPTION", "VmmError"]
 
 PAGE_SIZE = 4096
 GDT_GPA, IDT_GPA, TSS_GPA, PML4_GPA, PDPT_GPA, PD_GPA = 0x1000, 0x2000, 0x3000, 0x4000, 0x5000, 0x6000
@@ -66,7 +66,7 @@ EPC_GPA = 0x100000000
 MAX_VCPUS = 4
 
 # Ports of the guest program (guest/guest.S).
-PORT_DONE, PORT_ENCLS, PORT_MRENCLAVE, PORT_MARK, PORT_EXCEPTION = 0xE0, 0xE1, 0xE2, 0xE3, 0xEF
+PORT_DONE, PORT_ENCLS, PORT_MRENCLAVE, PORT_MARK, PORT_TICK, PORT_EXCEPTION = 0xE0, 0xE1, 0xE2, 0xE3, 0xE4, 0xEF
 
 # GDT selectors: Linux's layout for the user ones (__USER_DS 0x2b, __USER_CS 0x33).
 KERNEL_CS, KERNEL_DS, USER_DS, USER_CS, TSS_SEL = 0x08, 0x10, 0x2B, 0x33, 0x40

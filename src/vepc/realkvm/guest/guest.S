@@ -15,12 +15,14 @@
  *   PORT_MRENCLAVE RBX = SECS page (EPC, guest-physical), RCX = 32-byte buffer: the VMM copies SECS.MRENCLAVE
  *                  as the model's EINIT wrote it; RAX = 0, or -1 when RBX is not an initialized SECS
  *   PORT_MARK      AL = 1 before a timed loop, AL = 2 after it
+ *   PORT_TICK      nothing: one exit to the VMM and back (touch mode 2, the benchmark's bare-exit reference)
  *   PORT_EXCEPTION (ring 0) RAX = vector, RBX = error code, RCX = faulting RIP, RDX = CR2
  */
         .set PORT_DONE, 0xE0
         .set PORT_ENCLS, 0xE1
         .set PORT_MRENCLAVE, 0xE2
         .set PORT_MARK, 0xE3
+        .set PORT_TICK, 0xE4
         .set PORT_EXCEPTION, 0xEF
 
         .set OP_END, 0
@@ -47,6 +49,7 @@
  *   mode 0: write a marker into each page (the benchmark loop: one first-touch write per page)
  *   mode 1: read the first qword, count pages where it is not all-ones (EPC read from outside an enclave
  *           returns the abort page, 0xFF bytes), then write the marker
+ *   mode 2: write the marker, then exit to the VMM through PORT_TICK (one bare exit per page)
  * Result: RAX = pages whose first read was not all-ones (mode 1), RBX = pages touched.
  */
         .globl  touch
@@ -62,6 +65,8 @@ touch:
         out     %al, $PORT_MARK
         test    %rcx, %rcx
         jz      3f
+        cmp     $2, %r8
+        je      5f
         test    %r8, %r8
         jnz     2f
 1:      mov     %r10, (%rbx)
@@ -77,6 +82,12 @@ touch:
         add     %rdx, %rbx
         dec     %rcx
         jnz     2b
+        jmp     3f
+5:      mov     %r10, (%rbx)
+        out     %al, $PORT_TICK
+        add     %rdx, %rbx
+        dec     %rcx
+        jnz     5b
 3:      mov     $2, %al
         out     %al, $PORT_MARK
         mov     %r9, %rax
