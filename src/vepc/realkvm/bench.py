@@ -220,7 +220,7 @@ def exit_rate(pages: int = 4096, timeout: float = 60.0) -> float:
     loop ``vepc_run_ticks`` (:mod:`vepc.realkvm.native`): one exit to user space and back with no fault in
     it, the least any design that visits user space once per page adds to the kernel's fault.
 
-    Example: ``exit_rate(4096)`` → about 4e4 on the CI machines (noisy)."""
+    Example: ``exit_rate(4096)`` → about 2e4 on the CI machines (noisy)."""
     ticks_fn = build_uffd_server().vepc_run_ticks
     a = _AnonVm(pages)
     try:
