@@ -92,3 +92,16 @@ def test_markdown_of_a_quick_run_renders_and_says_what_a_quick_run_lacks(quick_r
     assert "The run: quick run, 5 repeats" in text
     assert "(not in this run)" in text                     # the 16 GiB memory figure is full-run only
     assert all(f"| {f['name'].split(' (')[0]}" in text for f in quick_run["figures"])
+
+
+def test_interleaved_spreads_its_pairs_evenly_over_the_window_and_times_each_measurement_alone():
+    import time
+
+    from vepc.bench.figures import _interleaved
+
+    starts: list[float] = []
+    t0 = time.perf_counter()
+    v, lim = _interleaved(lambda: 2.0, lambda: starts.append(time.perf_counter() - t0) or 4.0, 4, window=0.4)
+    assert (v, lim) == (2.0, 4.0) and len(starts) == 4
+    assert all(s >= i * 0.1 - 1e-3 for i, s in enumerate(starts))      # pair i no earlier than i * window / n
+    assert starts[-1] < 0.4                                             # the last pair starts inside the window
