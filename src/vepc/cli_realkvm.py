@@ -55,12 +55,17 @@ def _mib(n: int) -> str:
               help="EPC pages allocated per fault (1 = the kernel; more is a deviation).")
 @click.option("--timeout", type=click.FloatRange(1, 3600), default=60.0, show_default=True,
               help="Bound on each guest run, seconds.")
-@click.option("--backing", type=click.Choice(["auto", "memfd", "anonymous"]), default="auto", show_default=True,
+@click.option("--backing", type=click.Choice(["auto", "memfd", "anonymous", "tmpfs"]), default="auto",
+              show_default=True,
               help="Host memory behind the EPC memslots: a memfd answered in userfaultfd MINOR mode (committed "
-                   "up front), or anonymous memory answered with UFFDIO_COPY; auto = memfd where it works.")
+                   "up front), or anonymous memory answered with UFFDIO_COPY; auto = memfd where it works; "
+                   "tmpfs = the host kernel takes first touches within a bound, the model accounts them in "
+                   "batches (deferred accounting, a deviation; needs root).")
+@click.option("--credit", type=int, default=512, show_default=True,
+              help="With --backing tmpfs: pages the guest may touch ahead of the model's accounting.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 def kvm(epc: str, host_epc: str, touch: str | None, sgxs: str | None, sig: str | None, vcpus: int,
-        fault_around: int, timeout: float, backing: str, as_json: bool) -> None:
+        fault_around: int, timeout: float, backing: str, credit: int, as_json: bool) -> None:
     """Boot a real KVM guest whose EPC is served by the model's /dev/sgx_vepc, touch it, optionally load an
     enclave through paravirtual ENCLS, and print what happened (pages faulted, EPC allocated, exits, time,
     result).
@@ -80,6 +85,10 @@ def kvm(epc: str, host_epc: str, touch: str | None, sgxs: str | None, sig: str |
         _fail(f"--fault-around {fault_around}: must be a power of two from 1 to 512")
     if (sgxs is None) != (sig is None):
         _fail("--enclave and --sig go together")
+    if credit < 1:
+        _fail(f"--credit {credit}: must be at least one page")
+    if backing == "tmpfs" and fault_around > 1:
+        _fail("--fault-around goes with a userfaultfd backing, not --backing tmpfs")
     ram = 4 << 20
     if sgxs is not None:
         for opt, path in (("--enclave", sgxs), ("--sig", sig)):
@@ -102,8 +111,14 @@ def kvm(epc: str, host_epc: str, touch: str | None, sgxs: str | None, sig: str |
     ok, why = realkvm_usable()
     if not ok:
         _fail(f"cannot run a real guest here: {why}", status=1)
+    if backing == "tmpfs":
+        from vepc.realkvm.tmpfs import tmpfs_usable
+        ok, why = tmpfs_usable()
+        if not ok:
+            _fail(f"--backing tmpfs: {why}", status=1)
 
-    report = run_kvm(epc_size, host_size, touch_size, sgxs, sig, vcpus, fault_around, timeout, ram, backing)
+    report = run_kvm(epc_size, host_size, touch_size, sgxs, sig, vcpus, fault_around, timeout, ram, backing,
+                     credit)
     if as_json:
         click.echo(json.dumps(report, indent=1))
     else:
@@ -113,7 +128,8 @@ def kvm(epc: str, host_epc: str, touch: str | None, sgxs: str | None, sig: str |
 
 
 def run_kvm(epc_size: int, host_size: int, touch_size: int, sgxs: str | None, sig: str | None, vcpus: int = 1,
-            fault_around: int = 1, timeout: float = 60.0, ram: int = 4 << 20, backing: str = "auto") -> dict:
+            fault_around: int = 1, timeout: float = 60.0, ram: int = 4 << 20, backing: str = "auto",
+            credit: int = 512) -> dict:
     """Boot, touch, load, exit; return the report ``vepc kvm --json`` prints.
 
     Example: ``run_kvm(32 << 20, 64 << 20, 16 << 20, None, None)["touch"]["epc_allocated"]`` → 4096.
@@ -124,10 +140,11 @@ def run_kvm(epc_size: int, host_size: int, touch_size: int, sgxs: str | None, si
 
     t0 = time.perf_counter()
     vm = SgxVm(epc=epc_size, host_epc=f"{host_size >> 10}K", ram=ram, vcpus=vcpus, fault_around=fault_around,
-               timeout=timeout, backing=backing)
+               timeout=timeout, backing=backing, credit=credit)
     report: dict = {
         "guest": {"vcpus": vcpus, "ram_bytes": vm.ram_size, "epc_gpa": EPC_GPA, "epc_bytes": epc_size,
-                  "fault_around": fault_around, "backing": vm.epc.backing},
+                  "fault_around": fault_around, "backing": vm.epc.backing,
+                  "credit": credit if vm.epc.backing == "tmpfs" else None},
         "host": {"epc_bytes": host_size, "epc_pages": vm.model.kernel.pool.nr_pages},
         "touch": None, "enclave": None, "error": None,
     }
@@ -138,7 +155,8 @@ def run_kvm(epc_size: int, host_size: int, touch_size: int, sgxs: str | None, si
             report["touch"] = {
                 "bytes": touch_size, "pages": r.pages, "pages_touched": r.touched, "pages_faulted": r.faults,
                 "epc_allocated": r.epc_allocated, "not_abort_page": r.not_abort_page,
-                "loop_seconds": r.seconds, "pages_per_second": round(r.pages_per_second) if r.seconds else None,
+                "loop_seconds": r.seconds, "settle_seconds": r.settle_seconds,
+                "pages_per_second": round(r.pages_per_second) if r.seconds else None,
                 "status": r.status,
             }
             _add(exits, r.exits)
@@ -156,6 +174,7 @@ def run_kvm(epc_size: int, host_size: int, touch_size: int, sgxs: str | None, si
         stats = vm.stats()
         report["model"] = {"vepc_pages": stats["vepc_pages"], "host_epc_free": stats["host_epc_free"],
                            "uffd_faults": stats["uffd_faults"], "refusals": stats["refusals"],
+                           "accounting": stats["accounting"], "pages_settled": stats["pages_settled"],
                            "events": stats["model_events"]}
     finally:
         vm.close()
@@ -178,7 +197,8 @@ def _print(r: dict) -> None:
     click.echo(f"real KVM guest: {g['vcpus']} vCPU, {_mib(g['ram_bytes'])} RAM, EPC {_mib(g['epc_bytes'])} at "
                f"{g['epc_gpa']:#x} ({g['backing']} backing); model host EPC {_mib(h['epc_bytes'])} "
                f"({h['epc_pages']} pages)"
-               + (f"; fault-around {g['fault_around']} (deviation)" if g["fault_around"] > 1 else ""))
+               + (f"; fault-around {g['fault_around']} (deviation)" if g["fault_around"] > 1 else "")
+               + (f"; deferred accounting, credit {g['credit']} pages (deviation)" if g["credit"] else ""))
     t = r["touch"]
     if t is not None:
         rate = f", {t['pages_per_second']:,} pages/s" if t["pages_per_second"] else ""
@@ -198,7 +218,10 @@ def _print(r: dict) -> None:
     m = r.get("model")
     if m:
         click.echo(f"model: {m['vepc_pages']} EPC pages in the vepc, {m['host_epc_free']} free; "
-                   f"{m['uffd_faults']} userfaults; events " + ", ".join(f"{k} {v}" for k, v in m["events"].items()))
+                   f"{m['uffd_faults']} userfaults"
+                   + (f", {m['pages_settled']} pages accounted in batches (now {m['accounting']})"
+                      if m["pages_settled"] else "")
+                   + "; events " + ", ".join(f"{k} {v}" for k, v in m["events"].items()))
     click.echo("exits: " + (", ".join(f"{k} {v}" for k, v in sorted(r["exits"].items())) or "none"))
     a = r["after_exit"]
     click.echo(f"after VM exit: {a['host_epc_free']} EPC pages free; invariants {a['invariants']}")

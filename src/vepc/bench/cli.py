@@ -132,8 +132,7 @@ def _add_real_kvm(result: dict, quick: bool, repeat: int | None, progress) -> No
         if d["goal"] is None:
             continue
         fig = Figure(d["name"], d["value"], d["unit"], d["limit"], what, goal_ratio=d["goal"],
-                     details=refs if "one EPC page" in d["name"] else {}, detail_unit="pages/s",
-                     key="real_kvm_one_page" if "one EPC page" in d["name"] else "real_kvm_fault_around")
+                     details=refs if d["key"] == "real_kvm_one_page" else {}, detail_unit="pages/s", key=d["key"])
         result["_figures"].append(fig)
         result["figures"].append(fig.as_json())
 

@@ -24,6 +24,21 @@ Two halves:
     first touch by the model).
   - ``anonymous``: private anonymous memory in MISSING mode, answered with UFFDIO_COPY of an all-ones
     page: host memory only for touched pages.
+  - ``tmpfs`` (opt-in, needs CAP_SYS_ADMIN): *deferred accounting*. The section is a file on a private
+    tmpfs (:mod:`.tmpfs`) and no userfaultfd is registered at first: a first touch is the host kernel's own
+    shmem fault, with no exit to user space (a user-space visit per page costs more than two kernel faults
+    here: the real-KVM benchmark's "bare exit" row). The mount's size limit is the bound: it is kept at
+    ``used + min(credit, free model EPC pages)``, so the guest can never touch more pages than the model has
+    EPC pages for. :meth:`VirtualEpc.settle` reads the touched pages back (mincore) and gives each its one
+    EPC page through the vepc's ``fault_range`` (the same allocations as page-by-page faults, ascending),
+    then grants the next credit; the guest reaching the limit makes KVM_RUN fail with EFAULT, which the VMM
+    answers with a settle and a re-entry (:meth:`VirtualEpc.efault_retry`). When no free EPC page is left
+    (or an EPC cgroup limits the pool, or the guest runs ENCLS), the sections turn to *per-fault
+    accounting* for good: MISSING mode on the same files (UFFD_FEATURE_MISSING_SHMEM), so the refusal of
+    the page the pool cannot give is exact, as with the other backings. Deviations of this backing, on top
+    of those below: EPC pages are accounted up to ``credit`` pages after the touches (the model's events
+    come in batches, in address order, not touch order), and a page's first read returns zeros, not the
+    abort page (nothing is mapped before the kernel allocates it).
 
 Refusal: when ``sgx_vepc_fault`` returns VM_FAULT_SIGBUS (``fixup_user_fault`` -EFAULT; linux-sgx.md
 §4.10), the page is made PROT_NONE and the waiting fault woken: the real KVM's retry of ``hva_to_pfn``
@@ -48,6 +63,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from vepc.arch.constants import (
     CPUID_7_EBX_SGX, CPUID_7_ECX_SGX_LC, PAGE_SHIFT, PAGE_SIZE, Attribute, FeatureControl, Msr,
 )
@@ -60,14 +77,20 @@ from vepc.kernel.mm import (
 from vepc.kvm import Kvm, Vcpu
 from vepc.machine import Machine
 from vepc.realkvm.kvm_api import HostMapping
-from vepc.realkvm.uffd import UFFD_FEATURE_MINOR_SHMEM, UFFD_FEATURE_THREAD_ID, Userfaultfd, minor_shmem_usable
+from vepc.realkvm.tmpfs import MADV_REMOVE, BoundedTmpfs, mincore
+from vepc.realkvm.uffd import (
+    UFFD_FEATURE_MINOR_SHMEM, UFFD_FEATURE_MISSING_SHMEM, UFFD_FEATURE_THREAD_ID, Userfaultfd, minor_shmem_usable,
+)
 from vepc.types import PhysAddr
 
 __all__ = ["ModelHost", "RamWindow", "VirtualEpc", "EpcSectionBackend", "Refusal", "EXTERNAL_RAM_BASE",
-           "ResetError", "BACKINGS"]
+           "ResetError", "BACKINGS", "DEFAULT_CREDIT"]
 
 #: The host backings of a section's range (module docstring); "auto" is memfd where MINOR mode works.
-BACKINGS = ("auto", "memfd", "anonymous")
+BACKINGS = ("auto", "memfd", "anonymous", "tmpfs")
+
+#: Pages the tmpfs backing lets the guest touch before the model accounts them (``credit``, default).
+DEFAULT_CREDIT = 512
 
 #: Where the model's physical address space holds the real guest's RAM: above the model's RAM and EPC.
 EXTERNAL_RAM_BASE = 0x4000000000
@@ -269,14 +292,22 @@ class VirtualEpc:
 
     ``fault_around`` (default 1 = the kernel's one page per fault) is the opt-in deviation described in the
     module docstring. ``spin`` is how long (seconds) the handler polls for the next fault before sleeping.
-    ``backing``: "memfd", "anonymous" or "auto" (memfd where MINOR mode works; module docstring).
+    ``backing``: "memfd", "anonymous", "tmpfs" or "auto" (memfd where MINOR mode works; module docstring);
+    ``credit``: the tmpfs backing's bound, pages touched ahead of the model's accounting.
+    ``accounting`` is "per-fault" (every first touch through the model before the guest goes on) or, with
+    the tmpfs backing until it turns, "deferred".
     """
 
-    def __init__(self, model: ModelHost, fault_around: int = 1, spin: float = 200e-6, backing: str = "auto") -> None:
+    def __init__(self, model: ModelHost, fault_around: int = 1, spin: float = 200e-6, backing: str = "auto",
+                 credit: int = DEFAULT_CREDIT) -> None:
         if fault_around < 1 or fault_around & (fault_around - 1) or fault_around > 512:
             raise ValueError("fault_around must be a power of two between 1 and 512 pages")
         if backing not in BACKINGS:
             raise ValueError(f"backing {backing!r}: must be one of {', '.join(BACKINGS)}")
+        if credit < 1:
+            raise ValueError(f"credit must be at least one page, not {credit}")
+        if backing == "tmpfs" and fault_around > 1:
+            raise ValueError("the tmpfs backing has no fault-around: the host kernel takes the first touches")
         if backing == "auto":
             backing = "memfd" if minor_shmem_usable()[0] else "anonymous"
         self.model = model
@@ -284,7 +315,18 @@ class VirtualEpc:
         self.spin = spin
         self.backing = backing
         self.minor = backing == "memfd"
-        self.uffd = Userfaultfd(features=UFFD_FEATURE_THREAD_ID | (UFFD_FEATURE_MINOR_SHMEM if self.minor else 0))
+        self.credit = credit
+        self.accounting = "deferred" if backing == "tmpfs" else "per-fault"
+        self.uffd = Userfaultfd(features=UFFD_FEATURE_THREAD_ID | (UFFD_FEATURE_MINOR_SHMEM if self.minor else 0)
+                                | (UFFD_FEATURE_MISSING_SHMEM if backing == "tmpfs" else 0))
+        #: The tmpfs backing's mount (its size limit is the bound of deferred accounting).
+        self.tmpfs: BoundedTmpfs | None = None
+        if backing == "tmpfs":
+            try:
+                self.tmpfs = BoundedTmpfs(1)
+            except OSError:
+                self.uffd.close()
+                raise
         #: The all-ones source of UFFDIO_COPY (the anonymous backing; the memfd's page cache is the source
         #: of UFFDIO_CONTINUE).
         self.abort_page: HostMapping | None = None
@@ -297,6 +339,13 @@ class VirtualEpc:
         self.stuck: list[Refusal] = []
         self.faults = 0                 # fault messages handled
         self.pages_populated = 0        # pages UFFDIO_COPYed
+        self.pages_settled = 0          # pages the host kernel allocated first, accounted by settle()
+        self.settles = 0
+        #: Deferred accounting: pages the kernel gave the guest that the model then refused (never expected:
+        #: the bound keeps them within the free EPC pages; kept so that a test would see it).
+        self.late: list[Refusal] = []
+        self._below: dict[int, int | None] = {}    # efault_retry: per thread, the pages in use last time
+        self._retried: set[int] = set()             # efault_retry: threads retried since the turn
         self.handler_error: BaseException | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -312,7 +361,13 @@ class VirtualEpc:
         with self.model.lock:
             fd, hva = self.model.open_vepc(size)
         fill = None
-        if self.minor:
+        if self.tmpfs is not None:
+            tfd = self.tmpfs.create(f"epc{len(self.sections)}", size)
+            try:
+                mapping = HostMapping(size, fd=tfd)
+            finally:
+                os.close(tfd)                        # the mapping keeps the file
+        elif self.minor:
             memfd = os.memfd_create(f"vepc-epc{len(self.sections)}", os.MFD_CLOEXEC)
             try:
                 os.ftruncate(memfd, size)
@@ -323,7 +378,8 @@ class VirtualEpc:
         else:
             mapping = HostMapping(size)
         try:
-            self.uffd.register(mapping.addr, size, minor=self.minor)
+            if self.accounting == "per-fault":
+                self.uffd.register(mapping.addr, size, minor=self.minor)
         except OSError:
             mapping.close()
             if fill is not None:
@@ -332,6 +388,10 @@ class VirtualEpc:
         sec = EpcSectionBackend(len(self.sections), gpa, size, mapping, fd, hva, bytearray(size >> PAGE_SHIFT),
                                 fill=fill)
         self.sections.append(sec)
+        if self.accounting == "deferred":
+            with self._serve_lock, self.model.lock:
+                if not self._grant():
+                    self._go_per_fault()
         return sec
 
     def section_of_hva(self, addr: int) -> EpcSectionBackend | None:
@@ -504,6 +564,97 @@ class VirtualEpc:
                 return r.gpa
         return self.refusals[-1].gpa if self.refusals else None
 
+    # -- deferred accounting (the tmpfs backing) ---------------------------------------------------------
+    def settle(self, exact: bool = False) -> int:
+        """Deferred accounting: give every page the host kernel allocated since the last settle its EPC page
+        through the model, then grant the next credit -- or turn to per-fault accounting for good when
+        ``exact``, when no free EPC page is left, or when an EPC cgroup limits the pool (its charge is not
+        the pool's free count). Returns the pages accounted; 0 under per-fault accounting.
+
+        Example: ``epc.settle()`` after a guest run → 4096 for a first touch of 16 MiB."""
+        if self.accounting != "deferred":
+            return 0
+        with self._serve_lock, self.model.lock:
+            used = self.tmpfs.used_pages()
+            n = self._account()
+            if exact or not self._grant(used):
+                self._go_per_fault()
+        return n
+
+    def efault_retry(self) -> bool:
+        """KVM_RUN failed with EFAULT: under deferred accounting, the guest reached the tmpfs bound; settle
+        and re-enter (True). Found below the bound, it may be another vCPU's settle that raised it since;
+        found below it twice by one thread with no page touched in between, it is not the bound's: the
+        sections turn to per-fault accounting and the access is retried through it. Under per-fault
+        accounting an EFAULT is a refusal (False: the VMM reports it) -- but for one retry per thread after
+        the turn, since an EFAULT at the old bound may arrive just after another vCPU's settle turned."""
+        tid = threading.get_ident()
+        if self.accounting != "deferred":
+            if self.tmpfs is None or tid in self._retried:
+                return False
+            self._retried.add(tid)
+            return True
+        used = self.tmpfs.used_pages()
+        stuck = used < self.tmpfs.limit and self._below.get(tid) == used
+        self._below[tid] = used if used < self.tmpfs.limit else None
+        self.settle(exact=stuck)
+        return True
+
+    def _account(self) -> int:
+        """The touched pages of every section not yet accounted (mincore: page-cache residency), each run of
+        consecutive pages one vepc ``fault_range`` (``fault_in_range``), page by page where the batch path
+        stops. Called with both locks held."""
+        vmm = self.model.vmm
+        total = 0
+        for sec in self.sections:
+            done = np.frombuffer(sec.populated, dtype=np.uint8)
+            new = np.flatnonzero((mincore(sec.mapping.addr, sec.nr_pages) & 1) > done)
+            if not len(new):
+                continue
+            cuts = np.flatnonzero(np.diff(new) != 1) + 1
+            for run in np.split(new, cuts):
+                first, n = int(run[0]), len(run)
+                hva = sec.model_hva + (first << PAGE_SHIFT)
+                mark = len(self.model.events)
+                try:
+                    mapped = vmm.fault_in_range(hva, n, any_size=True)
+                    for p in range(first + mapped, first + n):
+                        if vmm.fixup_user_fault(sec.model_hva + (p << PAGE_SHIFT), write=True) < 0:
+                            self.late.append(Refusal(sec.gpa + (p << PAGE_SHIFT), 0, self._refusal_reason(mark)))
+                except KernelError as e:
+                    self.late.append(Refusal(sec.gpa + (first << PAGE_SHIFT), 0, f"model: {e}"))
+                done[first:first + n] = 1
+            total += len(new)
+        self.pages_settled += total
+        self.settles += 1
+        return total
+
+    def _grant(self, used: int | None = None) -> bool:
+        """Raise the bound to ``used`` (the mount's pages before the last account; now if None) plus
+        ``min(credit, free EPC pages)``: every page the guest can touch beyond what is accounted has a
+        free EPC page. False when nothing can be granted (no free page, or an EPC cgroup)."""
+        pool = self.model.kernel.pool
+        grant = min(self.credit, pool.nr_free)
+        if pool.cgroups is not None or grant <= 0:
+            return False
+        try:
+            self.tmpfs.set_limit((self.tmpfs.used_pages() if used is None else used) + grant)
+        except OSError:                              # EINVAL: below what is in use (the bound shrank)
+            return False
+        return True
+
+    def _go_per_fault(self) -> None:
+        """Per-fault accounting from now on: each section registered in MISSING mode (a page not in the page
+        cache now faults to the handler), then the bound lifted (every page can be allocated, by UFFDIO_COPY
+        now), then the pages another vCPU touched since the last account accounted (none can follow: the
+        registration came first). Called with both locks held."""
+        self.accounting = "per-fault"
+        self._retried.clear()
+        for sec in self.sections:
+            self.uffd.register(sec.mapping.addr, sec.size)
+        self.tmpfs.set_limit(max(self.tmpfs.limit, sum(s.nr_pages for s in self.sections)))
+        self._account()
+
     # -- reset and teardown -------------------------------------------------------------------------
     def reset(self) -> list[list[int]]:
         """System reset, as QEMU's ``sgx_epc_reset`` (hw/i386/sgx.c, vmm-anchors.md §1.4): REMOVE_ALL on every
@@ -518,6 +669,8 @@ class VirtualEpc:
         model = self.model
         passes: list[list[int]] = []
         with model.lock:
+            if self.accounting == "deferred":
+                self._account()                      # the touches so far have their EPC pages first
             for _ in range(2):                       # RETRY_NUM = 2
                 results = []
                 for sec in self.sections:
@@ -538,11 +691,18 @@ class VirtualEpc:
             if sec.protected:
                 sec.mapping.protect(0, sec.size, writable=True)
                 sec.protected = False
-            sec.mapping.dontneed()
+            if self.tmpfs is not None:               # a file's pages: free the page cache (the hole again)
+                sec.mapping.madvise(0, sec.size, MADV_REMOVE)
+            else:
+                sec.mapping.dontneed()
             if sec.fill is not None:                 # the page cache keeps what the guest wrote: all-ones again
                 sec.fill.view[:] = b"\xff" * sec.size
             sec.populated[:] = bytes(len(sec.populated))
         self.refusals.clear()
+        if self.accounting == "deferred":
+            with model.lock:
+                if not self._grant():
+                    self._go_per_fault()
         return passes
 
     def close(self) -> None:
@@ -556,6 +716,8 @@ class VirtualEpc:
         for sec in self.sections:
             if sec.fill is not None:
                 sec.fill.close()
+        if self.tmpfs is not None:
+            self.tmpfs.close()                       # detached: it goes with the memslots' mappings
 
     # -- figures ----------------------------------------------------------------------------------------
     def populated_pages(self) -> int:

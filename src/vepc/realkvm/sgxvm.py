@@ -23,6 +23,7 @@ during the leaf (EPC exhaustion on its EPT violation) stops the real VM the same
 from __future__ import annotations
 
 import struct
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,7 +32,7 @@ from vepc.arch.structs import EINITTOKEN_SIZE, SIGSTRUCT_SIZE, Secinfo, Secs
 from vepc.events import EventKind
 from vepc.kernel.invariants import check as check_invariants
 from vepc.kvm import KvmExit, KvmRunError
-from vepc.realkvm.epc_backend import ModelHost, VirtualEpc
+from vepc.realkvm.epc_backend import DEFAULT_CREDIT, ModelHost, VirtualEpc
 from vepc.realkvm.guest import build_guest
 from vepc.realkvm.vmm import (
     DATA_GPA, EPC_GPA, PORT_DONE, PORT_ENCLS, PORT_MRENCLAVE, IoExit, RealVcpu, RealVm, RunResult, Stop,
@@ -66,7 +67,8 @@ def _size(value: int | str, what: str) -> int:
 @dataclass
 class TouchResult:
     """What a guest touch loop did: pages asked for and touched, pages whose first read was not the abort
-    page, loop time, the stop reason, and the model's figures during the run."""
+    page, loop time, the stop reason, and the model's figures during the run; ``settle_seconds``: the
+    deferred accounting after the loop (the tmpfs backing: the last touches' EPC pages; 0 otherwise)."""
 
     pages: int
     touched: int
@@ -77,10 +79,12 @@ class TouchResult:
     faults: int
     epc_allocated: int
     exits: dict
+    settle_seconds: float = 0.0
 
     @property
     def pages_per_second(self) -> float | None:
-        return self.pages / self.seconds if self.seconds else None
+        """Pages over the loop and the accounting after it."""
+        return self.pages / (self.seconds + self.settle_seconds) if self.seconds else None
 
 
 @dataclass
@@ -103,7 +107,8 @@ class SgxVm:
     ``epc``: the guest's EPC section sizes (packed from 4 GiB, vmm-anchors.md §1.3); ``host_epc``: the model
     host's EPC; ``fault_around``: pages allocated per fault (1 = the kernel's behaviour; >1 is an opt-in
     deviation); ``timeout``: bound on every guest run (seconds); ``backing``: the host memory behind the EPC
-    memslots, "auto", "memfd" or "anonymous" (``epc_backend`` module docstring).
+    memslots, "auto", "memfd", "anonymous" or "tmpfs" (deferred accounting, bounded by ``credit`` pages;
+    ``epc_backend`` module docstring).
 
     Example::
 
@@ -115,7 +120,7 @@ class SgxVm:
 
     def __init__(self, epc: str | int | list = "32M", host_epc: str | list[str] = "64M", ram: int | str = MIN_RAM,
                  vcpus: int = 1, fault_around: int = 1, timeout: float = 30.0, kernel_version: str = "6.8",
-                 spin: float = 200e-6, backing: str = "auto") -> None:
+                 spin: float = 200e-6, backing: str = "auto", credit: int = DEFAULT_CREDIT) -> None:
         sizes = [_size(s, "EPC section size") for s in (epc if isinstance(epc, (list, tuple)) else [epc])]
         ram_size = max(MIN_RAM, (_size(ram, "guest RAM size") + (2 << 20) - 1) & ~((2 << 20) - 1))
         if not 1 <= vcpus <= 2:
@@ -130,7 +135,7 @@ class SgxVm:
             ram_map = self.vm.add_ram(ram_size)
             self.vm.load_program(build_guest())
             self.model.attach_ram(ram_map)
-            self.epc = VirtualEpc(self.model, fault_around=fault_around, spin=spin, backing=backing)
+            self.epc = VirtualEpc(self.model, fault_around=fault_around, spin=spin, backing=backing, credit=credit)
             gpa = EPC_GPA
             for i, size in enumerate(sizes):
                 # hw/i386/sgx-epc.c: sections are packed contiguously in creation order.
@@ -143,6 +148,7 @@ class SgxVm:
             for i in range(vcpus):
                 self.model.create_vcpu(i)
             self.vm.efault_gpa = lambda v: self.epc.efault_gpa(v.native_id or 0)
+            self.vm.efault_retry = lambda v: self.epc.efault_retry()
             self.epc.start()
         except BaseException:
             self.close()
@@ -190,8 +196,12 @@ class SgxVm:
             self.vm.write(args_gpa(v.index), struct.pack("<QQQQ", start, count, PAGE_SIZE,
                                                          TOUCH_VERIFY if verify else TOUCH_WRITE))
             self.vm.start_vcpu(v, "touch")
+        self.epc.settle()
         before_vepc, before_faults = self._vepc_pages(), self.epc.faults
         res = self._run(use)
+        t0 = time.perf_counter()
+        self.epc.settle()                          # deferred accounting: the run's last touches
+        settle_seconds = time.perf_counter() - t0 if self.epc.backing == "tmpfs" else 0.0
         touched = bad = 0
         for o, (start, count) in zip(res.vcpus, ranges, strict=False):
             if o.status == "done":
@@ -203,7 +213,7 @@ class SgxVm:
         status = "done" if res.error is None else next(o.status for o in res.vcpus if o.error is not None)
         return TouchResult(pages, touched, bad, max(loops) if loops and res.error is None else None, status,
                            res.error, self.epc.faults - before_faults, self._vepc_pages() - before_vepc,
-                           dict(res.exits))
+                           dict(res.exits), settle_seconds)
 
     def _io(self, vcpu: RealVcpu, ex: IoExit) -> Stop | None:
         if ex.port == PORT_ENCLS:
@@ -216,6 +226,8 @@ class SgxVm:
 
     def _encls(self, vcpu: RealVcpu) -> Stop | None:
         """PORT_ENCLS: run the leaf through the model KVM's vCPU; RAX/RFLAGS back as ENCLS would."""
+        # The model allocates EPC pages for ENCLS outside the tmpfs backing's bound: per-fault from now on.
+        self.epc.settle(exact=True)
         r = vcpu.get_regs()
         leaf = r.rax & 0xFFFFFFFF
         mv = self.model.vcpus[vcpu.index]
@@ -363,12 +375,14 @@ class SgxVm:
 
         Example: ``vm.stats()["vepc_pages"]`` → 4096 after touching 16 MiB."""
         k = self.model.kernel
+        self.epc.settle()
         with self.model.lock:
             counts = k.pool.counts()
             ev = self.model.events
             return {
                 "host_epc_pages": counts["total"], "host_epc_free": k.pool.nr_free, "vepc_pages": counts["vepc"],
                 "uffd_faults": self.epc.faults, "pages_populated": self.epc.pages_populated,
+                "accounting": self.epc.accounting, "pages_settled": self.epc.pages_settled,
                 "refusals": [{"gpa": r.gpa, "reason": r.reason} for r in self.epc.refusals],
                 "model_events": {n.name: ev.count(n, self.event_mark) for n in _REPORTED_EVENTS},
                 "encls": dict(self.leaf_counts),
@@ -382,6 +396,7 @@ class SgxVm:
             return
         self.closed = True
         if self.epc is not None:
+            self.epc.settle()                      # the release below removes every page the guest touched
             self.epc.stop()
         self.model.exit()
         if self.epc is not None:

@@ -247,6 +247,9 @@ class RealVm:
         self._stop = threading.Event()
         #: Called with (vcpu) when KVM_RUN fails with EFAULT: returns the guest-physical address or None.
         self.efault_gpa: Callable[[RealVcpu], int | None] = lambda vcpu: None
+        #: Asked at each KVM_RUN EFAULT: True re-enters the guest (a backend that bounds host allocations
+        #: on purpose and has raised the bound: epc_backend's tmpfs backing), False reports the failure.
+        self.efault_retry: Callable[[RealVcpu], bool] = lambda vcpu: False
         self.closed = False
 
     # -- memory ---------------------------------------------------------------------------------
@@ -435,6 +438,9 @@ class RealVm:
             except OSError as e:
                 if e.errno in (errno.EINTR, errno.EAGAIN):
                     out.exits["INTR"] += 1
+                    continue
+                if e.errno == errno.EFAULT and self.efault_retry(vcpu):
+                    out.exits["EFAULT_RETRY"] += 1
                     continue
                 out.exits["ERROR"] += 1
                 # KVM_RUN -EFAULT: the host fault behind a guest access failed (linux-sgx.md §4.10: a vepc
