@@ -196,7 +196,7 @@ class SgxVm:
             self.vm.write(args_gpa(v.index), struct.pack("<QQQQ", start, count, PAGE_SIZE,
                                                          TOUCH_VERIFY if verify else TOUCH_WRITE))
             self.vm.start_vcpu(v, "touch")
-        self.epc.settle()
+        self.epc.settle()                          # earlier touches accounted: this run's figures are its own
         before_vepc, before_faults = self._vepc_pages(), self.epc.faults
         res = self._run(use)
         t0 = time.perf_counter()
