@@ -76,8 +76,8 @@ from vepc.kernel.mm import (
 )
 from vepc.kvm import Kvm, Vcpu
 from vepc.machine import Machine
-from vepc.realkvm.kvm_api import HostMapping
-from vepc.realkvm.tmpfs import MADV_REMOVE, BoundedTmpfs, mincore
+from vepc.realkvm.kvm_api import MADV_REMOVE, HostMapping
+from vepc.realkvm.tmpfs import BoundedTmpfs, mincore
 from vepc.realkvm.uffd import (
     UFFD_FEATURE_MINOR_SHMEM, UFFD_FEATURE_MISSING_SHMEM, UFFD_FEATURE_THREAD_ID, Userfaultfd, minor_shmem_usable,
 )

@@ -25,7 +25,7 @@ __all__ = [
     "KVM_EXIT_SHUTDOWN", "KVM_EXIT_FAIL_ENTRY", "KVM_EXIT_INTR", "KVM_EXIT_INTERNAL_ERROR", "KVM_EXIT_SYSTEM_EVENT",
     "KVM_EXIT_MEMORY_FAULT", "KVM_EXIT_IO_IN", "KVM_EXIT_IO_OUT", "KvmRegs", "KvmSregs", "KvmSegment", "KvmDtable",
     "KvmUserspaceMemoryRegion", "ioctl", "exit_reason_name", "kvm_usable", "RUN_EXIT_REASON", "RUN_IO",
-    "RUN_MEMORY_FAULT_GPA", "HostMapping", "MADV_DONTNEED",
+    "RUN_MEMORY_FAULT_GPA", "HostMapping", "MADV_DONTNEED", "MADV_REMOVE",
 ]
 
 KVMIO = 0xAE
@@ -210,7 +210,8 @@ def kvm_usable(path: str = "/dev/kvm") -> tuple[bool, str]:
 # mman.h
 PROT_READ, PROT_WRITE = 1, 2
 MAP_SHARED, MAP_PRIVATE, MAP_ANONYMOUS, MAP_NORESERVE = 0x01, 0x02, 0x20, 0x4000
-MADV_DONTNEED, MADV_NOHUGEPAGE = 4, 15
+# MADV_REMOVE frees a shared file range's backing store (shmem: punches the hole; uapi mman-common.h).
+MADV_DONTNEED, MADV_REMOVE, MADV_NOHUGEPAGE = 4, 9, 15
 _libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
 _libc.mmap.restype = ctypes.c_void_p
 _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]

@@ -25,25 +25,23 @@ works here.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import tempfile
 
 import numpy as np
 
 from vepc.arch.constants import PAGE_SHIFT, PAGE_SIZE
+from vepc.realkvm.kvm_api import _libc
 
-__all__ = ["BoundedTmpfs", "tmpfs_usable", "mincore", "MADV_REMOVE"]
+__all__ = ["BoundedTmpfs", "tmpfs_usable", "mincore"]
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
 _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 _libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
 
-# include/uapi/linux/mount.h and fs.h: mount(2) flags; umount2's MNT_DETACH; madvise's MADV_REMOVE.
+# include/uapi/linux/mount.h and fs.h: mount(2) flags; umount2's MNT_DETACH.
 MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT = 2, 4, 8, 32
 MNT_DETACH = 2
-MADV_REMOVE = 9          # free a shared file range's backing store (shmem: punches the hole)
 _FLAGS = MS_NOSUID | MS_NODEV | MS_NOEXEC
 
 
