@@ -99,6 +99,7 @@ def test_real_guest_touching_16m_of_a_32m_section_allocates_exactly_4096_epc_pag
         assert (r.pages, r.touched, r.faults, r.epc_allocated) == (4096, 4096, 0 if deferred else 4096, 4096)
         assert r.not_abort_page == (4096 if deferred else 0)
         assert vm.epc.pages_settled == (4096 if deferred else 0) and not vm.epc.late
+        assert (r.settle_seconds > 0) == deferred               # only deferred accounting runs after the loop
         # One EPC page per touched page, no fault-around: the vepc holds exactly the touched indices.
         assert sorted(_vepc_of(vm).page_array.indices().tolist()) == list(range(4096))
         k = vm.model.kernel

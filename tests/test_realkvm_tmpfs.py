@@ -78,6 +78,8 @@ def test_the_guest_never_runs_more_than_credit_pages_ahead_of_the_model():
         # credits; each time the model accounts the 64 touched and grants 64 more.
         assert r.error is None and r.exits["EFAULT_RETRY"] == 15
         assert r.epc_allocated == 1024 and vm.epc.settles >= 16
+        assert r.settle_seconds > 0                             # the last credit, accounted after the loop
+        assert r.pages_per_second == pytest.approx(1024 / (r.seconds + r.settle_seconds))
 
 
 @needs_both
@@ -225,3 +227,12 @@ def test_an_epc_cgroup_keeps_the_tmpfs_backing_per_fault_from_the_start():
     finally:
         m.exit()
         epc.close()
+
+
+def test_touch_rate_counts_the_accounting_after_the_loop():
+    from vepc.realkvm.sgxvm import TouchResult
+
+    r = TouchResult(1000, 1000, 0, 0.75, "done", None, 0, 1000, {}, settle_seconds=0.25)
+    assert r.pages_per_second == 1000.0
+    assert TouchResult(1000, 1000, 0, 0.5, "done", None, 1000, 1000, {}).pages_per_second == 2000.0
+    assert TouchResult(1000, 0, 0, None, "failed", None, 0, 0, {}).pages_per_second is None
