@@ -242,3 +242,29 @@ def test_kvm_reports_sgx_attribute_capability_and_supported_cpuid():
     assert eax0 & 0x3 == 0x3 and ebx0 == 1
     assert t.kvm.supported_cpuid(0x12, 1)[1] == 0
     assert t.kvm.supported_cpuid(0x12, 2) == (0, 0, 0, 0)     # sections come from the VMM
+
+
+def test_an_ept_violation_faults_the_host_page_in_as_the_vmm_and_restores_current(monkeypatch):
+    """fixup_user_fault runs the vepc fault handler with the VMM process ``current`` (its cgroup is charged,
+    its NUMA node asked first), whoever was current before -- and leaves that task current afterwards; under
+    KVM_RUN (the VMM current already) nothing is switched."""
+    from vepc.vmm.qemu import QemuVm
+
+    host = Machine.build(epc=["4M@0"])
+    vm = QemuVm(host, "-m 1G -accel kvm -object memory-backend-epc,id=m0,size=2M,prealloc=off "
+                      "-M sgx-epc.0.memdev=m0,sgx-epc.0.node=0", boot_guest=False).start()
+    seen = []
+    ops = next(v.vm_ops for v in vm.proc.vmas if hasattr(v.vm_ops, "fault_range"))      # sgx_vepc_vm_ops
+    real = ops.fault
+    monkeypatch.setattr(ops, "fault", lambda vmf: (seen.append(host.kernel.current), real(vmf))[1])
+    base = vm.layout.epc_sections[0].base
+    shell = host.kernel.spawn("shell")
+    with host.kernel.running(shell):
+        vm.vcpus[0].read_phys(base, 1)
+        assert host.kernel.current is shell
+    with host.kernel.running(vm.proc):
+        vm.vcpus[0].read_phys(base + PAGE_SIZE, 1)
+        assert host.kernel.current is vm.proc
+    vm.vcpus[0].read_phys(base + 2 * PAGE_SIZE, 1)
+    assert seen == [vm.proc] * 3 and host.kernel.current is None
+    vm.kill()

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from vepc.events import EventKind
 from vepc.observe.timeline import build_timeline, display_times
 from vepc.scenario import Scenario
 from vepc.scenario.runner import ScenarioRunner
@@ -86,3 +87,20 @@ def test_a_guests_batched_events_are_noted_as_that_guests_like_single_ones():
     guest.emit(EventKind.EPC_ALLOC, 2, 5)
     guest.emit_many(EventKind.ENCL_ADD, 2, [6, 7], range(0, 8192, 4096))
     assert len(log) == 4 and sources == {1: "vm0", 2: "vm0", 3: "vm0"}
+    guest.rows.append((log.now, int(EventKind.EPC_FREE), 2, 5, 1, 0, 0, None))   # a hot path's inline emit
+    assert len(log) == 5 and sources[4] == "vm0" and guest.rows[4] == log.rows[4] and len(guest.rows) == 5
+
+
+def test_an_allocation_through_a_guests_stream_is_noted_as_that_guests():
+    """epc_pool.alloc appends its EPC_ALLOC row inline (no emit call): through a guest's stream the row
+    must still be the guest's, or the timeline would count the guest's EPC as host pages."""
+    from vepc.machine import Machine
+    from vepc.observe.recorder import Recorder
+
+    m = Machine.build(epc=["1M@0"])
+    rec = Recorder(m)
+    pool = m.kernel.pool
+    pool.events = rec.guest_events("vm0")
+    page = pool.alloc(None, reclaim=False)
+    assert page >= 0 and m.events.rows[-1][1] == int(EventKind.EPC_ALLOC)
+    assert rec.source_of(len(m.events) - 1) == "vm0"

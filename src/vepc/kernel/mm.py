@@ -338,6 +338,8 @@ class Process:
         without a ``with`` block (this runs on every page fault)."""
         local = self.kernel._current
         prev = getattr(local, "task", None)
+        if prev is self:                                 # a user access of this task: current already
+            return handler(vmf)
         local.task = self
         try:
             return handler(vmf)
@@ -434,8 +436,19 @@ class Process:
             return vma.ptes[vpn]
         flags = (FAULT_FLAG_WRITE if write else 0) | FAULT_FLAG_ALLOW_RETRY
         handler = vma.vm_ops.fault
+        # _in_task, inline (once per EPT violation); nothing to switch when this task is current already
+        # (KVM_RUN on the VMM's vCPU thread, where KVM resolves an EPT violation).
+        local = self.kernel._current
+        prev = getattr(local, "task", None)
         for _ in range(MAX_FAULT_RETRIES):
-            ret = self._in_task(handler, VmFault(vma, addr, flags))
+            if prev is self:
+                ret = handler(VmFault(vma, addr, flags))
+            else:
+                local.task = self
+                try:
+                    ret = handler(VmFault(vma, addr, flags))
+                finally:
+                    local.task = prev
             if ret & VM_FAULT_RETRY:
                 flags |= FAULT_FLAG_TRIED
                 self.kernel.schedule()
@@ -473,12 +486,13 @@ class Process:
             ptes = vma.ptes
             stop = page + (n << PAGE_SHIFT)
             fault_in = self._fault_in
-            for p in range(page, stop, PAGE_SIZE):
-                if (p >> PAGE_SHIFT) not in ptes:
-                    if not self.alive:
-                        self._check_alive()
-                    if fault_in(vma, p, write) & VM_FAULT_SIGBUS or not self.alive:
-                        return False
+            with self.kernel.running(self):              # this task's own accesses: current is this task
+                for p in range(page, stop, PAGE_SIZE):
+                    if (p >> PAGE_SHIFT) not in ptes:
+                        if not self.alive:
+                            self._check_alive()
+                        if fault_in(vma, p, write) & VM_FAULT_SIGBUS or not self.alive:
+                            return False
             page = stop
         return True
 

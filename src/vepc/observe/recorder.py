@@ -100,6 +100,29 @@ class Snapshot:
         return {n: int(c[i]) for i, n in enumerate(self.names)}
 
 
+class _GuestRows:
+    """``EventLog.rows`` as a guest kernel sees it: ``append`` notes the row as that guest's (the hot paths
+    append their rows directly, ``ev.rows.append(...)``, instead of calling ``emit``); reads are the log's."""
+
+    __slots__ = ("_rows", "_source", "_sources")
+
+    def __init__(self, rows: list, source: str, sources: dict[int, str]) -> None:
+        self._rows, self._source, self._sources = rows, source, sources
+
+    def append(self, row: tuple) -> None:
+        self._sources[len(self._rows)] = self._source
+        self._rows.append(row)
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __getitem__(self, i):
+        return self._rows[i]
+
+    def __iter__(self):
+        return iter(self._rows)
+
+
 class _GuestEvents:
     """The event stream as a guest kernel sees it: the same rows, each noted as that guest's."""
 
@@ -107,6 +130,11 @@ class _GuestEvents:
         self._log = log
         self._source = source
         self._sources = sources
+        self._rows = _GuestRows(log.rows, source, sources)
+
+    @property
+    def rows(self) -> _GuestRows:
+        return self._rows
 
     def emit(self, *args, **kw) -> None:
         # Single-threaded model code: the row appended next has index len(rows).
