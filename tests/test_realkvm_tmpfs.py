@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 
 import pytest
 
@@ -29,11 +30,17 @@ def _vepc_of(vm, section=0):
 
 
 # -- the bound itself ---------------------------------------------------------------------------------
-@needs_tmpfs
-def test_tmpfs_limit_refuses_the_page_past_it_and_a_remount_raises_it():
+_USERNS, _USERNS_WHY = tmpfs_usable(userns=True)
+MODES = [pytest.param(False, id="mount", marks=needs_tmpfs),
+         pytest.param(True, id="userns", marks=pytest.mark.skipif(not _USERNS, reason=f"no user namespace: {_USERNS_WHY}"))]
+
+
+@pytest.mark.parametrize("userns", MODES)
+def test_tmpfs_limit_refuses_the_page_past_it_and_a_remount_raises_it(userns):
     from vepc.realkvm.kvm_api import HostMapping
 
-    t = BoundedTmpfs(4)
+    t = BoundedTmpfs(4, userns=userns)
+    assert t.mode == ("userns" if userns else "mount")
     try:
         fd = t.create("f", 16 * PAGE)
         try:
@@ -55,10 +62,76 @@ def test_tmpfs_limit_refuses_the_page_past_it_and_a_remount_raises_it():
                 m.close()
         finally:
             os.close(fd)
-        assert not os.listdir(t.path)                           # created unlinked
+        assert userns or not os.listdir(t.path)                 # created unlinked
     finally:
         t.close()
-    assert not os.path.exists(t.path)
+    assert userns or not os.path.exists(t.path)
+    assert not userns or t._helper.returncode == 0              # the helper ended with the socket
+
+
+_NOBODY = 65534
+_SYSTEM_PYTHON = "/usr/bin/python3"
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not os.access(_SYSTEM_PYTHON, os.X_OK) or not shutil.which("setpriv"),
+                    reason="needs root (to become an unprivileged user), setpriv and a system python3")
+def test_an_unprivileged_user_gets_a_bounded_tmpfs_through_the_user_namespace_helper():
+    """The point of tmpfs_ns: a VMM without CAP_SYS_ADMIN (a kvm-group user) still gets the bound. The helper
+    runs as uid 65534 (nobody) with a client that speaks its protocol; both only need the standard library."""
+    import subprocess
+    import tempfile
+
+    from vepc.realkvm import tmpfs_ns
+
+    d = tempfile.mkdtemp(prefix="vepc-nobody-")
+    try:
+        os.chmod(d, 0o755)
+        helper = os.path.join(d, "tmpfs_ns.py")
+        shutil.copy(tmpfs_ns.__file__, helper)
+        client = os.path.join(d, "client.py")
+        with open(client, "w") as f:
+            f.write(_CLIENT)
+        for p in (helper, client):
+            os.chmod(p, 0o644)
+        r = subprocess.run(["setpriv", f"--reuid={_NOBODY}", f"--regid={_NOBODY}", "--clear-groups",
+                            _SYSTEM_PYTHON, "-I", client, helper], capture_output=True, text=True, timeout=60)
+    finally:
+        shutil.rmtree(d)
+    if "unshare" in r.stdout and "Operation not permitted" in r.stdout:
+        pytest.skip(f"unprivileged user namespaces are not allowed here: {r.stdout.strip()}")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["ok", "ok", "err", "22", "ok", "used", "3", "rc", "0", "mapped", "1"], r.stdout
+
+
+#: The test's client of tmpfs_ns (run as nobody): mount 2 pages, map a file, touch 2 pages, refuse a
+#: remount below them (EINVAL), raise the limit to 3, touch a third, read the blocks in use; the helper exits
+#: at end of file and the mapping stays.
+_CLIENT = """
+import mmap, os, socket, subprocess, sys
+ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+p = subprocess.Popen([sys.executable, "-I", sys.argv[1], str(theirs.fileno()), "2"], pass_fds=[theirs.fileno()])
+theirs.close()
+first = ours.recv(256).decode()
+print(first)
+if first != "ok":
+    sys.exit(0)
+ours.send(b"create 65536")
+data, fds, _, _ = socket.recv_fds(ours, 256, 1)
+print(data.decode())
+m = mmap.mmap(fds[0], 65536)
+m[0] = 1
+m[4096] = 1
+ours.send(b"limit 1")
+print(" ".join(ours.recv(256).decode().split()[:2]))
+ours.send(b"limit 3")
+print(ours.recv(256).decode())
+m[8192] = 1
+st = os.fstatvfs(fds[0])
+print("used", st.f_blocks - st.f_bfree)
+ours.close()
+p.wait()
+print("rc", p.returncode, "mapped", m[0])
+"""
 
 
 def test_tmpfs_limit_is_at_least_one_page_because_zero_means_unlimited():
@@ -80,6 +153,23 @@ def test_the_guest_never_runs_more_than_credit_pages_ahead_of_the_model():
         assert r.epc_allocated == 1024 and vm.epc.settles >= 16
         assert r.settle_seconds > 0                             # the last credit, accounted after the loop
         assert r.pages_per_second == pytest.approx(1024 / (r.seconds + r.settle_seconds))
+
+
+@pytest.mark.skipif(not (_KVM and _USERNS), reason=f"no real guest or no user namespace: {_KVM_WHY or _USERNS_WHY}")
+def test_a_guest_on_the_user_namespace_helpers_tmpfs_is_bounded_and_accounted_alike(monkeypatch):
+    """The VMM's own code path where it may not mount: the files come from the helper, the bound holds
+    (EFAULT at each credit), and every touched page is accounted."""
+    import functools
+
+    from vepc.realkvm import epc_backend
+    from vepc.realkvm.sgxvm import SgxVm
+
+    monkeypatch.setattr(epc_backend, "BoundedTmpfs", functools.partial(BoundedTmpfs, userns=True))
+    with SgxVm(epc="2M", host_epc="8M", backing="tmpfs", credit=128) as vm:
+        assert vm.epc.tmpfs.mode == "userns"
+        r = vm.touch(2 * MB, verify=False)
+        assert r.error is None and r.exits["EFAULT_RETRY"] == 3 and r.epc_allocated == 512
+        assert vm.epc.pages_settled == 512 and vm.epc.tmpfs.used_pages() == 512
 
 
 @needs_both
@@ -224,6 +314,34 @@ def test_an_epc_cgroup_keeps_the_tmpfs_backing_per_fault_from_the_start():
         assert epc.accounting == "deferred"
         epc.add_section(0x100000000, 1 << 20)
         assert epc.accounting == "per-fault" and epc.settle() == 0
+    finally:
+        m.exit()
+        epc.close()
+
+
+@needs_both
+def test_an_efault_during_the_turn_to_per_fault_waits_for_the_bound_to_be_lifted():
+    """Two vCPUs at the bound: one settles and turns (marks "per-fault", registers, lifts the bound, all
+    under the serve lock); the other's EFAULT must not be retried before the lift, or its one retry after the
+    turn is spent on the old bound and KVM_RUN fails with no refusal (seen under load before 2026-12-08)."""
+    import threading
+    import time
+
+    from vepc.realkvm.epc_backend import ModelHost, VirtualEpc
+
+    m = ModelHost()
+    epc = VirtualEpc(m, backing="tmpfs")
+    try:
+        epc.add_section(0x100000000, 1 << 20)
+        out = []
+        with epc._serve_lock:                                   # a turn under way
+            epc.accounting = "per-fault"
+            t = threading.Thread(target=lambda: out.append(epc.efault_retry()))
+            t.start()
+            time.sleep(0.2)
+            assert t.is_alive() and not out                     # waiting for the turn to finish
+        t.join(10)
+        assert out == [True] and not t.is_alive()
     finally:
         m.exit()
         epc.close()

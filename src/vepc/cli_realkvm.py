@@ -60,7 +60,7 @@ def _mib(n: int) -> str:
               help="Host memory behind the EPC memslots: a memfd answered in userfaultfd MINOR mode (committed "
                    "up front), or anonymous memory answered with UFFDIO_COPY; auto = memfd where it works; "
                    "tmpfs = the host kernel takes first touches within a bound, the model accounts them in "
-                   "batches (deferred accounting, a deviation; needs root).")
+                   "batches (deferred accounting, a deviation; needs root or unprivileged user namespaces).")
 @click.option("--credit", type=int, default=512, show_default=True,
               help="With --backing tmpfs: pages the guest may touch ahead of the model's accounting.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
@@ -144,6 +144,7 @@ def run_kvm(epc_size: int, host_size: int, touch_size: int, sgxs: str | None, si
     report: dict = {
         "guest": {"vcpus": vcpus, "ram_bytes": vm.ram_size, "epc_gpa": EPC_GPA, "epc_bytes": epc_size,
                   "fault_around": fault_around, "backing": vm.epc.backing,
+                  "tmpfs_mount": vm.epc.tmpfs.mode if vm.epc.tmpfs is not None else None,
                   "credit": credit if vm.epc.backing == "tmpfs" else None},
         "host": {"epc_bytes": host_size, "epc_pages": vm.model.kernel.pool.nr_pages},
         "touch": None, "enclave": None, "error": None,
@@ -195,7 +196,10 @@ def _add(total: dict, more: dict) -> None:
 def _print(r: dict) -> None:
     g, h = r["guest"], r["host"]
     click.echo(f"real KVM guest: {g['vcpus']} vCPU, {_mib(g['ram_bytes'])} RAM, EPC {_mib(g['epc_bytes'])} at "
-               f"{g['epc_gpa']:#x} ({g['backing']} backing); model host EPC {_mib(h['epc_bytes'])} "
+               f"{g['epc_gpa']:#x} ({g['backing']} backing"
+               + (f", mounted {'through a user namespace' if g['tmpfs_mount'] == 'userns' else 'by the VMM'}"
+                  if g.get("tmpfs_mount") else "")
+               + f"); model host EPC {_mib(h['epc_bytes'])} "
                f"({h['epc_pages']} pages)"
                + (f"; fault-around {g['fault_around']} (deviation)" if g["fault_around"] > 1 else "")
                + (f"; deferred accounting, credit {g['credit']} pages (deviation)" if g["credit"] else ""))

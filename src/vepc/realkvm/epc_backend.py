@@ -24,21 +24,21 @@ Two halves:
     first touch by the model).
   - ``anonymous``: private anonymous memory in MISSING mode, answered with UFFDIO_COPY of an all-ones
     page: host memory only for touched pages.
-  - ``tmpfs`` (opt-in, needs CAP_SYS_ADMIN): *deferred accounting*. The section is a file on a private
-    tmpfs (:mod:`.tmpfs`) and no userfaultfd is registered at first: a first touch is the host kernel's own
-    shmem fault, with no exit to user space (a user-space visit per page costs more than two kernel faults
-    here: the real-KVM benchmark's "bare exit" row). The mount's size limit is the bound: it is kept at
-    ``used + min(credit, free model EPC pages)``, so the guest can never touch more pages than the model has
-    EPC pages for. :meth:`VirtualEpc.settle` reads the touched pages back (mincore) and gives each its one
-    EPC page through the vepc's ``fault_range`` (the same allocations as page-by-page faults, ascending),
-    then grants the next credit; the guest reaching the limit makes KVM_RUN fail with EFAULT, which the VMM
-    answers with a settle and a re-entry (:meth:`VirtualEpc.efault_retry`). When no free EPC page is left
-    (or an EPC cgroup limits the pool, or the guest runs ENCLS), the sections turn to *per-fault
-    accounting* for good: MISSING mode on the same files (UFFD_FEATURE_MISSING_SHMEM), so the refusal of
-    the page the pool cannot give is exact, as with the other backings. Deviations of this backing, on top
-    of those below: EPC pages are accounted up to ``credit`` pages after the touches (the model's events
-    come in batches, in address order, not touch order), and a page's first read returns zeros, not the
-    abort page (nothing is mapped before the kernel allocates it).
+  - ``tmpfs`` (opt-in; CAP_SYS_ADMIN, else a helper in an unprivileged user namespace): *deferred accounting*.
+    The section is a file on a private tmpfs (:mod:`.tmpfs`) and no userfaultfd is registered at first: a
+    first touch is the host kernel's own shmem fault, with no exit to user space (a user-space visit per page
+    costs more than two kernel faults here: the real-KVM benchmark's "bare exit" row). The mount's size limit
+    is the bound: it is kept at ``used + min(credit, free model EPC pages)``, so the guest can never touch
+    more pages than the model has EPC pages for. :meth:`VirtualEpc.settle` reads the touched pages back
+    (mincore) and gives each its one EPC page through the vepc's ``fault_range`` (the same allocations as
+    page-by-page faults, ascending), then grants the next credit; the guest reaching the limit makes KVM_RUN
+    fail with EFAULT, which the VMM answers with a settle and a re-entry (:meth:`VirtualEpc.efault_retry`).
+    When no free EPC page is left (or an EPC cgroup limits the pool, or the guest runs ENCLS), the sections
+    turn to *per-fault accounting* for good: MISSING mode on the same files (UFFD_FEATURE_MISSING_SHMEM), so
+    the refusal of the page the pool cannot give is exact, as with the other backings. Deviations of this
+    backing, on top of those below: EPC pages are accounted up to ``credit`` pages after the touches (the
+    model's events come in batches, in address order, not touch order), and a page's first read returns zeros,
+    not the abort page (nothing is mapped before the kernel allocates it).
 
 Refusal: when ``sgx_vepc_fault`` returns VM_FAULT_SIGBUS (``fixup_user_fault`` -EFAULT; linux-sgx.md
 §4.10), the page is made PROT_NONE and the waiting fault woken: the real KVM's retry of ``hva_to_pfn``
@@ -589,7 +589,9 @@ class VirtualEpc:
         accounting an EFAULT is a refusal (False: the VMM reports it) -- but for one retry per thread after
         the turn, since an EFAULT at the old bound may arrive just after another vCPU's settle turned."""
         tid = threading.get_ident()
-        if self.accounting != "deferred":
+        with self._serve_lock:                       # a turn under way (in a settle) completes first: it marks
+            deferred = self.accounting == "deferred"  # "per-fault" before it lifts the bound
+        if not deferred:
             if self.tmpfs is None or tid in self._retried:
                 return False
             self._retried.add(tid)

@@ -9,7 +9,9 @@ Raising the limit is a remount (``shmem_reconfigure``: ``size=`` may not drop be
 a limit of 0 means *unlimited* to tmpfs, so a limit here is always at least one page. Which pages were
 touched is read back with mincore(2), which reports a shared file mapping's page-cache residency.
 
-Mounting needs CAP_SYS_ADMIN (root on the CI machines, real-kvm.md); :func:`tmpfs_usable` says whether it
+Mounting needs CAP_SYS_ADMIN (root on the CI machines, real-kvm.md). Without it, a helper process mounts the
+tmpfs in a user namespace of its own (:mod:`.tmpfs_ns`) and hands over the files, where unprivileged user
+namespaces are allowed (a kvm-group user on most distributions). :func:`tmpfs_usable` says whether either
 works here.
 
 >>> ok, why = tmpfs_usable()
@@ -25,30 +27,27 @@ works here.
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
+import socket
+import subprocess
+import sys
 import tempfile
+from pathlib import Path
 
 import numpy as np
 
 from vepc.arch.constants import PAGE_SHIFT, PAGE_SIZE
+from vepc.realkvm import tmpfs_ns
 from vepc.realkvm.kvm_api import _libc
 
 __all__ = ["BoundedTmpfs", "tmpfs_usable", "mincore"]
 
-_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
 _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 _libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
 
-# include/uapi/linux/mount.h and fs.h: mount(2) flags; umount2's MNT_DETACH.
-MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT = 2, 4, 8, 32
-MNT_DETACH = 2
-_FLAGS = MS_NOSUID | MS_NODEV | MS_NOEXEC
-
-
-def _check(ret: int, what: str) -> None:
-    if ret < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"{what}: {os.strerror(err)}")
+MNT_DETACH = 2                     # umount2(2)
+_HELPER = Path(__file__).with_name("tmpfs_ns.py")
 
 
 def mincore(addr: int, npages: int) -> np.ndarray:
@@ -57,76 +56,131 @@ def mincore(addr: int, npages: int) -> np.ndarray:
 
     Example: ``mincore(mapping.addr, mapping.size >> 12).nonzero()[0]`` → the touched pages."""
     vec = np.zeros(npages, dtype=np.uint8)
-    _check(_libc.mincore(addr, npages << PAGE_SHIFT, vec.ctypes.data), "mincore")
+    tmpfs_ns.check(_libc.mincore(addr, npages << PAGE_SHIFT, vec.ctypes.data), "mincore")
     return vec
 
 
 class BoundedTmpfs:
-    """A tmpfs mounted on a fresh directory, limited to ``limit`` pages (``limit`` >= 1; tmpfs reads 0 as
-    unlimited). Files are created and unlinked at once: a file lives while a descriptor or mapping holds it,
-    and :meth:`close` detaches the mount (MNT_DETACH: it goes when the last mapping does)."""
+    """A tmpfs limited to ``limit`` pages (``limit`` >= 1; tmpfs reads 0 as unlimited), private to this VMM.
+    Files are created unlinked: a file lives while a descriptor or mapping holds it, and :meth:`close`
+    detaches the mount (it goes when the last mapping does).
 
-    def __init__(self, limit: int = 1) -> None:
-        self.path = tempfile.mkdtemp(prefix="vepc-tmpfs-")
-        self.limit = 0
+    ``userns``: False mounts on a fresh directory here (CAP_SYS_ADMIN); True mounts in a helper process's
+    own user and mount namespaces (:mod:`.tmpfs_ns`: no privilege needed where unprivileged user namespaces
+    are allowed), which creates the files and remounts on request; None (default) mounts here where
+    allowed, else through the helper. :attr:`mode` says which: "mount" or "userns"."""
+
+    def __init__(self, limit: int = 1, userns: bool | None = None) -> None:
+        self._need(limit)
+        self.limit = limit
         self.closed = False
-        try:
-            self._mount(0, limit)
-        except OSError:
-            os.rmdir(self.path)
-            raise
+        self.path: str | None = None               # the mount point ("mount" mode; the helper's is its own)
+        self._sock: socket.socket | None = None
+        self._helper: subprocess.Popen | None = None
+        self._probe = -1                           # "userns": a file of the mount, for fstatvfs
+        if userns is not True:
+            try:
+                self._mount_here(limit)
+                self.mode = "mount"
+                return
+            except OSError as e:
+                if userns is False or e.errno not in (errno.EPERM, errno.EACCES):
+                    raise
+        self._start_helper(limit)
+        self.mode = "userns"
 
-    def _mount(self, flags: int, limit: int) -> None:
+    @staticmethod
+    def _need(limit: int) -> None:
         if limit < 1:
             raise ValueError(f"a tmpfs limit is at least one page (0 means unlimited), not {limit}")
-        data = f"size={limit << (PAGE_SHIFT - 10)}k,huge=never,mode=0700".encode()
-        _check(_libc.mount(b"vepc-epc", self.path.encode(), b"tmpfs", _FLAGS | flags, data),
-               f"mount tmpfs on {self.path}" + (" (remount)" if flags else ""))
-        self.limit = limit
+
+    def _mount_here(self, limit: int) -> None:
+        path = tempfile.mkdtemp(prefix="vepc-tmpfs-")
+        try:
+            tmpfs_ns.mount(path, limit, remount=False)
+        except OSError:
+            os.rmdir(path)
+            raise
+        self.path = path
+
+    def _start_helper(self, limit: int) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        with theirs:
+            self._helper = subprocess.Popen([sys.executable, "-I", str(_HELPER), str(theirs.fileno()), str(limit)],
+                                            pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
+        self._sock = ours
+        try:
+            self._answer()                          # the mount (or why it failed)
+            self._probe = self._ask(b"create 0")
+        except OSError:
+            self._stop_helper()
+            raise
+
+    def _answer(self) -> int:
+        """The helper's answer to the last request: a descriptor passed with it, or -1; OSError for ``err``."""
+        data, fds, _flags, _addr = socket.recv_fds(self._sock, 256, 1)
+        if not data:
+            raise OSError(errno.EPIPE, "the tmpfs helper exited")
+        verb, _, rest = data.decode().partition(" ")
+        if verb == "err":
+            err, _, text = rest.partition(" ")
+            raise OSError(int(err), text)
+        return fds[0] if fds else -1
+
+    def _ask(self, request: bytes) -> int:
+        self._sock.send(request)
+        return self._answer()
+
+    def _stop_helper(self) -> None:
+        self._sock.close()                          # end of file: the helper exits
+        self._helper.wait(timeout=10)
 
     def set_limit(self, pages: int) -> None:
         """Remount with ``size=`` ``pages`` pages (not below :meth:`used_pages`: EINVAL).
 
         Example: ``t.set_limit(t.used_pages() + 512)``."""
+        self._need(pages)
         if pages != self.limit:
-            self._mount(MS_REMOUNT, pages)
+            if self.mode == "mount":
+                tmpfs_ns.mount(self.path, pages, remount=True)
+            else:
+                self._ask(f"limit {pages}".encode())
+            self.limit = pages
 
     def used_pages(self) -> int:
         """Pages allocated in the mount (statvfs: blocks minus free blocks)."""
-        st = os.statvfs(self.path)
+        st = os.statvfs(self.path) if self.mode == "mount" else os.fstatvfs(self._probe)
         return (st.f_blocks - st.f_bfree) * st.f_frsize // PAGE_SIZE
 
     def create(self, name: str, size: int) -> int:
         """A file of ``size`` bytes (a hole: no page allocated), already unlinked; returns its descriptor.
 
         Example: ``fd = t.create("epc0", 32 << 20)``."""
-        path = os.path.join(self.path, name)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        os.unlink(path)
-        try:
-            os.ftruncate(fd, size)
-        except OSError:
-            os.close(fd)
-            raise
-        return fd
+        if self.mode == "userns":
+            return self._ask(f"create {size}".encode())
+        return tmpfs_ns.create(self.path, name, size)
 
     def close(self) -> None:
-        """Detach the mount and remove its directory. Example: ``t.close()``."""
+        """Detach the mount (and remove its directory, or end the helper). Example: ``t.close()``."""
         if not self.closed:
             self.closed = True
-            _libc.umount2(self.path.encode(), MNT_DETACH)
-            os.rmdir(self.path)
+            if self.mode == "mount":
+                _libc.umount2(self.path.encode(), MNT_DETACH)
+                os.rmdir(self.path)
+            else:
+                os.close(self._probe)
+                self._stop_helper()
 
 
-def tmpfs_usable() -> tuple[bool, str]:
-    """``(True, "")`` when a private tmpfs can be mounted and remounted here (CAP_SYS_ADMIN); else
-    ``(False, reason)``.
+def tmpfs_usable(userns: bool | None = None) -> tuple[bool, str]:
+    """``(True, "")`` when a private tmpfs can be mounted and remounted (as :class:`BoundedTmpfs` with
+    ``userns``: here, through the helper's user namespace, or either); else ``(False, reason)``.
 
     >>> isinstance(tmpfs_usable()[0], bool)
     True
     """
     try:
-        t = BoundedTmpfs(1)
+        t = BoundedTmpfs(1, userns=userns)
     except OSError as e:
         return False, f"cannot mount a private tmpfs: {e.strerror or e}"
     try:
