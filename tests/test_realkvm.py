@@ -324,6 +324,7 @@ def test_cli_kvm_exhaustion_prints_kvm_run_failed_and_exits_1():
     (["--fault-around", "3"], "power of two"),
     (["--backing", "tmpfs", "--fault-around", "16"], "--fault-around goes with a userfaultfd backing"),
     (["--credit", "0"], "--credit"),
+    (["--epc", "200G"], "--epc 200G: the guest's identity map holds at most 127 GiB of EPC"),
 ])
 def test_cli_kvm_bad_input_is_one_line_and_exit_2(args, message):
     from vepc.cli_realkvm import kvm
@@ -332,6 +333,24 @@ def test_cli_kvm_bad_input_is_one_line_and_exit_2(args, message):
     assert res.exit_code == 2
     lines = res.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("vepc: kvm: ") and message in lines[0]
+
+
+def test_cli_kvm_memfd_backing_larger_than_the_hosts_memory_is_refused_and_auto_turns_anonymous(monkeypatch):
+    """The memfd backing fills the section's page cache with the abort page up front: a section larger than
+    half of the available memory is refused with --backing memfd, and "auto" serves it anonymous instead."""
+    from vepc import cli_realkvm
+
+    monkeypatch.setattr(cli_realkvm, "_memory_available", lambda: 64 << 20)
+    res = CliRunner().invoke(cli_realkvm.kvm, ["--epc", "40M", "--backing", "memfd"])
+    assert res.exit_code == 2 and res.output.count("\n") == 1
+    assert "--backing memfd commits the section's host memory up front: --epc 40M is more than half" in res.output
+    import vepc.realkvm
+
+    seen = []
+    monkeypatch.setattr(vepc.realkvm, "realkvm_usable", lambda: (True, ""))
+    monkeypatch.setattr(cli_realkvm, "run_kvm", lambda *a: seen.append(a[9]) or {"result": "ok"})
+    res = CliRunner().invoke(cli_realkvm.kvm, ["--epc", "40M", "--touch", "0", "--json"])
+    assert res.exit_code == 0 and seen == ["anonymous"]
 
 
 # -- benchmark ---------------------------------------------------------------------------------------------

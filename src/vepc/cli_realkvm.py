@@ -28,6 +28,18 @@ def _fail(problem: str, status: int = 2) -> NoReturn:
     sys.exit(status)
 
 
+def _memory_available() -> int:
+    """Host memory available for new allocations (/proc/meminfo MemAvailable; free pages without it)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) << 10
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
 def _size(option: str, text: str, allow_zero: bool = False) -> int:
     from vepc.types import parse_size
     try:
@@ -58,7 +70,8 @@ def _mib(n: int) -> str:
 @click.option("--backing", type=click.Choice(["auto", "memfd", "anonymous", "tmpfs"]), default="auto",
               show_default=True,
               help="Host memory behind the EPC memslots: a memfd answered in userfaultfd MINOR mode (committed "
-                   "up front), or anonymous memory answered with UFFDIO_COPY; auto = memfd where it works; "
+                   "up front), or anonymous memory answered with UFFDIO_COPY; auto = memfd where it works and the "
+                   "section is at most half of the available memory; "
                    "tmpfs = the host kernel takes first touches within a bound, the model accounts them in "
                    "batches (deferred accounting, a deviation; needs root or unprivileged user namespaces).")
 @click.option("--credit", type=int, default=512, show_default=True,
@@ -107,6 +120,16 @@ def kvm(epc: str, host_epc: str, touch: str | None, sgxs: str | None, sig: str |
         from vepc.realkvm.sgxvm import SgxVm
         ram = SgxVm.ram_for_enclave(sgxs)
 
+    from vepc.realkvm.vmm import MAX_MAPPED_GIB, VmmError
+    room = MAX_MAPPED_GIB - -(-ram >> 30)
+    if -(-epc_size >> 30) > room:
+        _fail(f"--epc {epc}: the guest's identity map holds at most {room} GiB of EPC")
+    if backing in ("auto", "memfd") and epc_size > _memory_available() // 2:
+        if backing == "memfd":            # the page cache is filled with the abort page's all-ones up front
+            _fail(f"--backing memfd commits the section's host memory up front: --epc {epc} is more than half "
+                  f"of the {_mib(_memory_available())} available (--backing anonymous or tmpfs allocate per touch)")
+        backing = "anonymous"             # auto: memfd where it fits
+
     from vepc.realkvm import realkvm_usable
     ok, why = realkvm_usable()
     if not ok:
@@ -117,8 +140,11 @@ def kvm(epc: str, host_epc: str, touch: str | None, sgxs: str | None, sig: str |
         if not ok:
             _fail(f"--backing tmpfs: {why}", status=1)
 
-    report = run_kvm(epc_size, host_size, touch_size, sgxs, sig, vcpus, fault_around, timeout, ram, backing,
-                     credit)
+    try:
+        report = run_kvm(epc_size, host_size, touch_size, sgxs, sig, vcpus, fault_around, timeout, ram, backing,
+                         credit)
+    except (VmmError, OSError) as e:      # the guest could not be set up (e.g. ENOMEM for its memory)
+        _fail(f"cannot start the guest: {e}", status=1)
     if as_json:
         click.echo(json.dumps(report, indent=1))
     else:

@@ -81,6 +81,12 @@ def _kinds(kernel: "Kernel", owners: np.ndarray) -> np.ndarray:
     return out
 
 
+def _owned(kernel: "Kernel") -> tuple[np.ndarray, np.ndarray]:
+    """The pages with an owner id, and the OwnerKind of each (a mostly free pool costs little)."""
+    pages = np.flatnonzero(kernel.pool.owner != 0)
+    return pages, _kinds(kernel, kernel.pool.owner[pages])
+
+
 # -- address translation ----------------------------------------------------------------------------------
 def _silicon_index(kernel: "Kernel", processor: "Processor") -> np.ndarray:
     """Map every kernel page number to the processor's EPC page index, -1 where it has none.
@@ -152,6 +158,8 @@ def _node_of_pages(pool, pages: np.ndarray) -> np.ndarray:
     """The NUMA node of each page (its section's node)."""
     firsts = np.array([s.first for s in pool.sections], dtype=np.int64)
     nodes = np.array([s.node for s in pool.sections], dtype=np.int64)
+    if (nodes == nodes[0]).all():
+        return np.full(len(pages), nodes[0], dtype=np.int64)
     return nodes[np.searchsorted(firsts, pages, side="right") - 1]
 
 
@@ -164,10 +172,10 @@ def _membership(n: int, pages: np.ndarray, what: str, v: list[str]) -> np.ndarra
     if len(bad):
         v.append(f"{what} holds numbers that are not pages: {_q(bad)}")
         pages = pages[(pages >= 0) & (pages < n)]
-    uniq, counts = np.unique(pages, return_counts=True)
-    if (counts > 1).any():
+    mask[pages] = True
+    if np.count_nonzero(mask) != len(pages):          # some page more than once: which (a sort, rare)
+        uniq, counts = np.unique(pages, return_counts=True)
         v.append(f"pages on {what} more than once: {_q(uniq[counts > 1])}")
-    mask[uniq] = True
     return mask
 
 
@@ -219,7 +227,8 @@ def _check_pool(kernel: "Kernel", v: list[str]) -> np.ndarray:
         v.append(f"pages in no state (leaked): {_q(untracked)}")
     # An owner id no registered object holds: the page outlived its owner (a leak), and the id may be
     # handed to a new owner that never allocated it.
-    dangling = np.flatnonzero(owned & (_kinds(kernel, pool.owner) == OwnerKind.FREE))
+    held, kinds = _owned(kernel)
+    dangling = held[kinds == OwnerKind.FREE]
     if len(dangling):
         v.append(f"pages whose owner no longer exists (leaked): {_q(dangling)}")
     # sgx_dirty_page_list and the DIRTY flag name the same pages (a range at boot, a list after).
@@ -313,7 +322,8 @@ def _check_vepc(kernel: "Kernel", v: list[str]) -> None:
             v.append(f"zombie page {p} not owned by the zombie list")
     if len(set(kernel.vepc.zombie_secs_pages)) != len(kernel.vepc.zombie_secs_pages):
         v.append("a page is on the zombie list twice")
-    orphan = np.flatnonzero((pool.owner != 0) & (_kinds(kernel, pool.owner) == OwnerKind.VEPC) & ~in_arrays)
+    held, kinds = _owned(kernel)
+    orphan = held[(kinds == OwnerKind.VEPC) & ~in_arrays[held]]
     if len(orphan):
         v.append(f"pages owned by a vepc but in no page array: {_q(orphan)}")
     zombies = set(kernel.vepc.zombie_secs_pages)
@@ -352,8 +362,8 @@ def _check_enclaves(kernel: "Kernel", v: list[str]) -> None:
             referenced[page] = encl
             if entry is not None and entry is not encl.secs and drv.owner_of.get(page) is not entry:
                 v.append(f"enclave {encl.owner_id}: page {page} has the wrong epc_page->owner")
-    kinds = _kinds(kernel, pool.owner)
-    owned = np.flatnonzero((pool.owner != 0) & ((kinds == OwnerKind.HOST_ENCLAVE) | (kinds == OwnerKind.VA)))
+    held, kinds = _owned(kernel)
+    owned = held[(kinds == OwnerKind.HOST_ENCLAVE) | (kinds == OwnerKind.VA)]
     leaked = sorted(set(owned.tolist()) - set(referenced))
     if leaked:
         v.append(f"pages owned by an enclave that does not reference them (leaked): {leaked[:_QUOTE]}")
@@ -428,8 +438,8 @@ def _check_vepc_enclaves(kernel: "Kernel", processor: "Processor", sidx: np.ndar
                          v: list[str]) -> None:
     """A valid child page in a vepc names a SECS held by the same fork family (or on the zombie list)."""
     pool = kernel.pool
-    kinds = _kinds(kernel, pool.owner)
-    pages = np.flatnonzero((kinds == OwnerKind.VEPC) & (pool.owner != 0) & ((f & VALID) != 0) & (sidx >= 0))
+    held, kinds = _owned(kernel)
+    pages = held[(kinds == OwnerKind.VEPC) & ((f[held] & VALID) != 0) & (sidx[held] >= 0)]
     if not len(pages):
         return
     ptype = (f[pages] & PT_MASK) >> PT_SHIFT

@@ -8,8 +8,9 @@ ring-0 IDT and per-vCPU TSS only catch exceptions and report them through a port
 
 Guest-physical layout (identity mapped with 2 MiB pages, all user accessible)::
 
-    0x1000 GDT   0x2000 IDT   0x3000 TSSs   0x4000 PML4   0x5000 PDPT   0x6000.. page directories
+    0x1000 GDT   0x2000 IDT   0x3000 TSSs   0x4000 PML4   0x5000 PDPT
     0x10000 program   0x20000 ring-0 stacks   0x30000 argument blocks   0x40000 ring-3 stacks
+    0x80000.. page directories (one per GiB mapped: MAX_MAPPED_GIB)
     0x100000.. data (DATA_GPA)              0x100000000.. EPC sections (above 4 GiB, as QEMU places them)
 
 >>> from vepc.realkvm.kvm_api import kvm_usable
@@ -52,11 +53,14 @@ from vepc.realkvm.kvm_api import (
 
 __all__ = ["RealVm", "RealVcpu", "RunResult", "VcpuOutcome", "IoExit", "Stop", "GDT_GPA", "IDT_GPA", "TSS_GPA",
            "PML4_GPA", "CODE_GPA", "DATA_GPA", "EPC_GPA", "args_gpa", "PORT_DONE", "PORT_ENCLS", "PORT_MRENCLAVE",
-           "PORT_MARK", "PORT_TICK", "PORT_EXCEPTION", "VmmError"]
+           "PORT_MARK", "PORT_TICK", "PORT_EXCEPTION", "VmmError", "MAX_MAPPED_GIB"]
 
 PAGE_SIZE = 4096
-GDT_GPA, IDT_GPA, TSS_GPA, PML4_GPA, PDPT_GPA, PD_GPA = 0x1000, 0x2000, 0x3000, 0x4000, 0x5000, 0x6000
-PD_LIMIT = 0x10000
+GDT_GPA, IDT_GPA, TSS_GPA, PML4_GPA, PDPT_GPA = 0x1000, 0x2000, 0x3000, 0x4000, 0x5000
+#: The page directories, one per GiB identity mapped, between the ring-3 stacks and the data.
+PD_GPA, PD_LIMIT = 0x80000, 0x100000
+#: GiB of guest-physical space the identity map can hold (RAM and EPC sections together).
+MAX_MAPPED_GIB = (PD_LIMIT - PD_GPA) // PAGE_SIZE
 CODE_GPA = 0x10000
 CODE_MAX = 0x10000
 DATA_GPA = 0x100000
@@ -296,7 +300,7 @@ class RealVm:
             pd = self._pds.get(gib)
             if pd is None:
                 if self._pd_next >= PD_LIMIT:
-                    raise VmmError("guest layout: out of page-directory pages")
+                    raise VmmError(f"guest layout: more than {MAX_MAPPED_GIB} GiB of RAM and EPC to map")
                 pd = self._pds[gib] = self._pd_next
                 self._pd_next += PAGE_SIZE
                 view[PDPT_GPA + 8 * gib:PDPT_GPA + 8 * gib + 8] = struct.pack("<Q", pd | PTE_P | PTE_W | PTE_U)
