@@ -198,6 +198,28 @@ def test_fault_around_is_opt_in_and_never_refuses_on_its_own():
 _UFFD_OK = userfaultfd_usable()[0] and minor_shmem_usable()[0]
 
 
+def test_the_real_guests_ram_goes_above_whatever_the_model_already_maps_there():
+    """EXTERNAL_RAM_BASE is 256 GiB: a model host EPC reaching past it (vepc kvm --host-epc 1T was
+    "external RAM ... overlaps EPC" before 2026-12-08), or another range there, moves the RAM to the next
+    GiB above."""
+    from vepc.realkvm.epc_backend import EXTERNAL_RAM_BASE, ModelHost
+    from vepc.realkvm.kvm_api import HostMapping
+    from vepc.types import PhysAddr
+
+    model = ModelHost(host_epc="4M")
+    ram, other = HostMapping(2 * MB), HostMapping(4096)
+    try:
+        model.processor.memory.attach_external(PhysAddr(EXTERNAL_RAM_BASE), other.view)
+        model.attach_ram(ram)
+        assert model.ram_base == EXTERNAL_RAM_BASE + (1 << 30)
+        ram.view[5] = 7
+        assert model.vm.memory.read(5, 1) == b"\x07"
+    finally:
+        model.exit()
+        ram.close()
+        other.close()
+
+
 def _fault_around_world(monkeypatch, per_page: bool):
     """A model host and a fault-around-16 VirtualEpc over one 2 MiB section, no guest: ``serve`` called
     directly (UFFDIO_CONTINUE of a page nobody waits for just maps it). ``per_page`` disables the block

@@ -101,7 +101,8 @@ DEFAULT_CREDIT = 512
 #: touch of a 4 GiB section at 11k pages/s against 52k for a 16 MiB one).
 SCAN_PAGES = 4096
 
-#: Where the model's physical address space holds the real guest's RAM: above the model's RAM and EPC.
+#: Where the model's physical address space holds the real guest's RAM: above the model's RAM and EPC (at
+#: the next GiB above the model's EPC where that reaches higher, e.g. a host EPC of 1 TiB).
 EXTERNAL_RAM_BASE = 0x4000000000
 
 
@@ -203,7 +204,9 @@ class ModelHost:
         """Make the real guest RAM the model VM's RAM memslot; returns the model VMM address of it.
 
         Example: ``model.attach_ram(vm.ram)``; then ``model.vm.memory.read(gpa, n) == vm.read(gpa, n)``."""
-        base = EXTERNAL_RAM_BASE
+        mem = self.processor.memory               # above every EPC section and external range of the model
+        top = max([s.end for s in mem.layout.sections] + [e for _, e, _ in mem.external] + [0])
+        base = max(EXTERNAL_RAM_BASE, -(-top >> 30) << 30)
         self.processor.memory.attach_external(PhysAddr(base), ram.view)
         self.ram_base = base
         file = File(self.kernel, "/dev/realkvm_ram", RamWindow(base, ram.size))
