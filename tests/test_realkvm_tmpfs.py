@@ -134,6 +134,17 @@ print("rc", p.returncode, "mapped", m[0])
 """
 
 
+@pytest.mark.skipif(not _USERNS, reason=f"no user namespace: {_USERNS_WHY}")
+def test_a_stuck_user_namespace_helper_is_killed_at_close(monkeypatch):
+    import signal
+
+    monkeypatch.setattr(BoundedTmpfs, "HELPER_EXIT_SECONDS", 0.2)
+    t = BoundedTmpfs(4, userns=True)
+    os.kill(t._helper.pid, signal.SIGSTOP)                  # it cannot read the end of file
+    t.close()
+    assert t._helper.returncode == -signal.SIGKILL
+
+
 def test_tmpfs_limit_is_at_least_one_page_because_zero_means_unlimited():
     with pytest.raises(ValueError, match="0 means unlimited"):
         BoundedTmpfs(0)

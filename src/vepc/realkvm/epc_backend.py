@@ -717,7 +717,7 @@ class VirtualEpc:
         passes: list[list[int]] = []
         with model.lock:
             if self.accounting == "deferred":
-                self._account()                      # the touches so far have their EPC pages first
+                self._account(self.tmpfs.used_pages() - self._in_cache)   # the touches so far: their EPC pages first
             for _ in range(2):                       # RETRY_NUM = 2
                 results = []
                 for sec in self.sections:

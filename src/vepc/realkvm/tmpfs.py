@@ -70,6 +70,9 @@ class BoundedTmpfs:
     are allowed), which creates the files and remounts on request; None (default) mounts here where
     allowed, else through the helper. :attr:`mode` says which: "mount" or "userns"."""
 
+    #: How long :meth:`close` waits for the helper to exit at end of file before it kills it.
+    HELPER_EXIT_SECONDS = 10.0
+
     def __init__(self, limit: int = 1, userns: bool | None = None) -> None:
         self._need(limit)
         self.limit = limit
@@ -133,7 +136,11 @@ class BoundedTmpfs:
 
     def _stop_helper(self) -> None:
         self._sock.close()                          # end of file: the helper exits
-        self._helper.wait(timeout=10)
+        try:
+            self._helper.wait(timeout=self.HELPER_EXIT_SECONDS)
+        except subprocess.TimeoutExpired:           # stuck (e.g. stopped): it must not outlive the VMM
+            self._helper.kill()
+            self._helper.wait()
 
     def set_limit(self, pages: int) -> None:
         """Remount with ``size=`` ``pages`` pages (not below :meth:`used_pages`: EINVAL).
